@@ -1,0 +1,80 @@
+"""Prototypical Networks (Snell, Swersky & Zemel, NeurIPS 2017).
+
+Each class is represented by the mean embedding of its support examples (its prototype);
+a query is classified by a softmax over negative distances to the prototypes:
+
+    c_n = 1/K sum_k f(x_{n,k}),    p(y = n | x) = softmax_n(-d(f(x), c_n))
+
+with d the squared Euclidean distance (the paper's choice) or, optionally, a scaled
+negative cosine similarity. Adaptation is computing the prototypes: no gradient steps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metalab.algorithms.base import MetaLearner, TaskSpec, register
+from metalab.tasks import TaskBatch
+
+
+def class_means(features: Tensor, labels: Tensor, n_way: int) -> Tensor:
+    """Per-task mean feature of each class: ``[T, S, D]``, ``[T, S]`` -> ``[T, N, D]``."""
+    one_hot = F.one_hot(labels, n_way).to(features.dtype)  # [T, S, N]
+    return one_hot.transpose(1, 2) @ features / one_hot.sum(1).unsqueeze(-1)
+
+
+def prototype_logits(
+    queries: Tensor, prototypes: Tensor, metric: str, scale: Tensor | None = None
+) -> Tensor:
+    """Logits ``[T, Q, N]`` of queries ``[T, Q, D]`` against prototypes ``[T, N, D]``."""
+    if metric == "euclidean":
+        return -torch.cdist(queries, prototypes).pow(2)
+    return scale * F.normalize(queries, dim=-1) @ F.normalize(prototypes, dim=-1).transpose(1, 2)
+
+
+@register
+class ProtoNet(MetaLearner):
+    """Prototypical Networks; ``metric`` is ``"euclidean"`` (squared) or ``"cosine"``."""
+
+    name = "protonet"
+    family = "metric"
+
+    def __init__(self, backbone: nn.Module, spec: TaskSpec, metric: str = "euclidean") -> None:
+        super().__init__()
+        if metric not in ("euclidean", "cosine"):
+            raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}.")
+        self.backbone = backbone
+        self.metric = metric
+        # Cosine similarities live in [-1, 1]: a learned temperature makes the softmax sharp.
+        self.scale = nn.Parameter(torch.tensor(10.0)) if metric == "cosine" else None
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Embed ``[T, B, *shape]`` in one backbone call -> ``[T, B, D]``."""
+        return self.backbone(x.flatten(0, 1)).view(*x.shape[:2], -1)
+
+    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+        num_support = batch.support_x.shape[1]
+        features = self.embed(torch.cat([batch.support_x, batch.query_x], dim=1))
+        prototypes = class_means(features[:, :num_support], batch.support_y, batch.n_way)
+        logits = prototype_logits(features[:, num_support:], prototypes, self.metric, self.scale)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
+        accuracy = (logits.argmax(-1) == batch.query_y).float().mean()
+        return loss, {"accuracy": accuracy.item()}
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> PrototypePredictor:
+        n_way = int(support_y.max()) + 1
+        features = self.embed(support_x.unsqueeze(0))
+        return PrototypePredictor(self, class_means(features, support_y.unsqueeze(0), n_way))
+
+
+class PrototypePredictor:
+    """Classifies queries against the prototypes of one task."""
+
+    def __init__(self, model: ProtoNet, prototypes: Tensor) -> None:
+        self.model, self.prototypes = model, prototypes
+
+    def __call__(self, query_x: Tensor) -> Tensor:
+        queries = self.model.embed(query_x.unsqueeze(0))
+        return prototype_logits(queries, self.prototypes, self.model.metric, self.model.scale)[0]

@@ -1,0 +1,88 @@
+"""Backbones: the networks that turn an example into features.
+
+Any ``nn.Module`` mapping a batch of inputs ``[B, *input_shape]`` to features ``[B, ...]``
+works with every algorithm; these are the standard ones, registered by name for configs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["BACKBONES", "MLP", "Conv4", "build_backbone", "feature_shape"]
+
+
+def conv_block(in_channels: int, out_channels: int, pool: bool) -> nn.Sequential:
+    """3x3 conv, BatchNorm, ReLU and (optionally) 2x2 max-pool: the Conv-4 building block."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, out_channels, 3, padding=1),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(),
+    ]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class Conv4(nn.Sequential):
+    """Four conv blocks of ``hidden`` channels (Vinyals et al. 2016; Snell et al. 2017).
+
+    On 28x28 Omniglot the output is 64 features. ``pool_blocks`` < 4 keeps the spatial size
+    after the first ``pool_blocks`` blocks (Relation Networks pool only in the first two);
+    ``flatten=False`` returns feature maps instead of vectors.
+    """
+
+    def __init__(
+        self, in_channels: int = 1, hidden: int = 64, pool_blocks: int = 4, flatten: bool = True
+    ) -> None:
+        blocks = [conv_block(in_channels if i == 0 else hidden, hidden, i < pool_blocks)
+                  for i in range(4)]
+        super().__init__(*blocks, *([nn.Flatten()] if flatten else []))
+
+
+class MLP(nn.Sequential):
+    """Fully connected ReLU network (``hidden`` sizes), flattening its input first.
+
+    With ``out_features`` the last layer is linear (a regressor, e.g. the MAML sinusoid
+    2x40 net); without it the output is the last hidden layer (a feature extractor).
+    """
+
+    def __init__(
+        self, in_features: int, hidden: tuple[int, ...] = (40, 40), out_features: int | None = None,
+        batch_norm: bool = False,
+    ) -> None:
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for size in hidden:
+            layers.append(nn.Linear(width, size))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(size))
+            layers.append(nn.ReLU())
+            width = size
+        if out_features is not None:
+            layers.append(nn.Linear(width, out_features))
+        super().__init__(*layers)
+
+
+BACKBONES = {"conv4": Conv4, "mlp": MLP}
+
+
+def build_backbone(name: str, input_shape: tuple[int, ...], **options: object) -> nn.Module:
+    """The registered backbone ``name`` for examples of shape ``input_shape``."""
+    if name == "conv4":
+        return Conv4(in_channels=input_shape[0], **options)
+    if name == "mlp":
+        return MLP(in_features=int(torch.tensor(input_shape).prod()), **options)
+    raise ValueError(f"unknown backbone {name!r}; available: {', '.join(sorted(BACKBONES))}.")
+
+
+@torch.no_grad()
+def feature_shape(backbone: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the features ``backbone`` gives for one example (found by a dry run)."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        out = backbone(torch.zeros(2, *input_shape))
+    finally:
+        backbone.train(was_training)
+    return tuple(out.shape[1:])

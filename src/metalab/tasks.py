@@ -1,0 +1,231 @@
+"""Tasks as tensors: the episode, the batch of episodes, and the samplers that draw them.
+
+A task (episode) is a support set ``(x, y)`` and a query set ``(x, y)``. A :class:`TaskBatch`
+stacks ``T`` tasks along a leading task dimension so that every algorithm can process a
+whole meta-batch in one call::
+
+    support_x [T, N*K, *input_shape]   support_y [T, N*K]   (labels 0..N-1 per task)
+    query_x   [T, N*Q, *input_shape]   query_y   [T, N*Q]
+    classes   [T, N]                   global class id of each task label (classification)
+
+Sampling from a :class:`ClassDataset` is a handful of tensor operations driven by a seeded
+``torch.Generator``: no per-image Python, and the same seed gives the same episodes on every
+machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ClassDataset",
+    "EpisodeSampler",
+    "Task",
+    "TaskBatch",
+    "TaskSource",
+    "fixed_episodes",
+    "step_generator",
+]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One episode: a support set to adapt on and a query set to score the adaptation."""
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+
+@dataclass(frozen=True)
+class TaskBatch:
+    """``T`` episodes stacked along a leading task dimension (see the module docstring)."""
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+    classes: Tensor | None = None
+
+    @property
+    def num_tasks(self) -> int:
+        return self.support_x.shape[0]
+
+    @property
+    def n_way(self) -> int:
+        """Classes per task (classification batches)."""
+        if self.classes is not None:
+            return self.classes.shape[1]
+        return int(self.support_y.max()) + 1
+
+    def __len__(self) -> int:
+        return self.num_tasks
+
+    def __getitem__(self, index: int | slice) -> TaskBatch:
+        """Task ``index`` as a batch of one (int) or the tasks in a slice."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return TaskBatch(**{f.name: _maybe(getattr(self, f.name), index) for f in fields(self)})
+
+    def task(self, index: int) -> Task:
+        """Task ``index`` without its task dimension."""
+        return Task(self.support_x[index], self.support_y[index],
+                    self.query_x[index], self.query_y[index])
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TaskBatch:
+        """Move to ``device``; ``dtype`` (if given) applies to the inputs and float targets."""
+
+        def move(t: Tensor | None, is_input: bool) -> Tensor | None:
+            if t is None:
+                return None
+            cast = dtype if dtype is not None and (is_input or t.is_floating_point()) else None
+            return t.to(device=device, dtype=cast)
+
+        return TaskBatch(move(self.support_x, True), move(self.support_y, False),
+                         move(self.query_x, True), move(self.query_y, False),
+                         move(self.classes, False))
+
+    @staticmethod
+    def stack(batches: list[TaskBatch]) -> TaskBatch:
+        """Concatenate batches along the task dimension."""
+        out = {}
+        for f in fields(TaskBatch):
+            parts = [getattr(b, f.name) for b in batches]
+            out[f.name] = None if parts[0] is None else torch.cat(parts)
+        return TaskBatch(**out)
+
+
+def _maybe(t: Tensor | None, index: slice) -> Tensor | None:
+    return None if t is None else t[index]
+
+
+class TaskSource(Protocol):
+    """Anything that draws batches of tasks: image episodes, sinusoids, user task families."""
+
+    kind: str  # "classification" or "regression"
+
+    def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch: ...
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator for training step ``step`` of a run seeded ``seed``.
+
+    Deriving every step's randomness from ``(seed, step)`` rather than from a running stream
+    makes a resumed run draw exactly the tasks an uninterrupted run would.
+    """
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+
+
+@dataclass
+class ClassDataset:
+    """Examples grouped by class, held in memory as one tensor.
+
+    ``data[c, i]`` is example ``i`` of class ``c``; classes with fewer examples than
+    ``data.shape[1]`` say so in ``counts`` (the padding is never sampled). ``names[c]`` names
+    the class. Images are stored compactly (Omniglot: uint8) and turned into floats in
+    [0, 1] when sampled.
+    """
+
+    data: Tensor
+    names: list[str]
+    counts: Tensor | None = None
+    group: str = "class"  # what a class is called in messages ("character", "intent", ...)
+
+    def __post_init__(self) -> None:
+        if self.data.shape[0] != len(self.names):
+            raise ValueError(
+                f"ClassDataset has {self.data.shape[0]} classes of data but "
+                f"{len(self.names)} names; pass one name per class."
+            )
+        if self.counts is None:
+            self.counts = torch.full((self.data.shape[0],), self.data.shape[1], dtype=torch.long)
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape[2:])
+
+    def to_float(self, x: Tensor) -> Tensor:
+        return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+class EpisodeSampler:
+    """Draws N-way K-shot Q-query classification episodes from a :class:`ClassDataset`.
+
+    Each task picks ``n_way`` distinct classes uniformly among those with at least
+    ``k_shot + q_query`` examples, then ``k_shot + q_query`` distinct examples of each class;
+    the first ``k_shot`` go to the support set, the rest to the query set, so support and
+    query never share an example. Labels are the position of the class in the task (0..N-1).
+    """
+
+    kind = "classification"
+
+    def __init__(self, dataset: ClassDataset, n_way: int, k_shot: int, q_query: int) -> None:
+        if min(n_way, k_shot, q_query) < 1:
+            raise ValueError(
+                f"n_way, k_shot and q_query must be >= 1, got {n_way}, {k_shot}, {q_query}."
+            )
+        per_class = k_shot + q_query
+        eligible = torch.nonzero(dataset.counts >= per_class).flatten()
+        if len(eligible) < n_way:
+            if dataset.num_classes < n_way:
+                raise ValueError(
+                    f"{n_way}-way episodes need {n_way} classes but this split has only "
+                    f"{dataset.num_classes}; lower n_way or use a larger split."
+                )
+            raise ValueError(
+                f"{k_shot}-shot {q_query}-query episodes need {per_class} examples per class, "
+                f"but only {len(eligible)} classes have that many (at most "
+                f"{int(dataset.counts.max())} per {dataset.group}); lower k_shot or q_query."
+            )
+        self.dataset = dataset
+        self.n_way, self.k_shot, self.q_query = n_way, k_shot, q_query
+        self.eligible = eligible
+
+    def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
+        n, k, q = self.n_way, self.k_shot, self.q_query
+        # N distinct classes per task: the first N of a random permutation of the eligible ones.
+        order = torch.rand(num_tasks, len(self.eligible), generator=generator).argsort(dim=1)
+        classes = self.eligible[order[:, :n]]  # [T, N]
+        # K+Q distinct examples per class; positions past a class's count sort last.
+        max_count = self.dataset.data.shape[1]
+        keys = torch.rand(num_tasks, n, max_count, generator=generator)
+        keys[torch.arange(max_count) >= self.dataset.counts[classes].unsqueeze(-1)] = 2.0
+        picks = keys.argsort(dim=-1)[..., : k + q]  # [T, N, K+Q]
+        x = self.dataset.to_float(self.dataset.data[classes.unsqueeze(-1), picks])
+        labels = torch.arange(n).view(1, n, 1)
+        shape = self.dataset.example_shape
+
+        def split(part: Tensor, count: int) -> tuple[Tensor, Tensor]:
+            # Interleave as class 0..N-1 per shot: [T, N, count, ...] -> [T, count*N, ...].
+            xs = part.transpose(1, 2).reshape(num_tasks, count * n, *shape)
+            ys = labels.expand(num_tasks, n, count).transpose(1, 2).reshape(num_tasks, count * n)
+            return xs, ys
+
+        support_x, support_y = split(x[:, :, :k], k)
+        query_x, query_y = split(x[:, :, k:], q)
+        return TaskBatch(support_x, support_y, query_x, query_y, classes)
+
+
+def fixed_episodes(
+    source: TaskSource, num_episodes: int, seed: int, chunk: int = 50
+) -> list[TaskBatch]:
+    """A fixed, seeded list of evaluation batches (``chunk`` tasks each, ``num_episodes`` total).
+
+    Every algorithm evaluated with the same ``(source, num_episodes, seed)`` is scored on
+    identical tasks.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    batches, left = [], num_episodes
+    while left > 0:
+        batches.append(source.sample(min(chunk, left), generator))
+        left -= chunk
+    return batches
