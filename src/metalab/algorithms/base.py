@@ -57,6 +57,7 @@ class MetaLearner(nn.Module, ABC):
     name: str = ""
     family: str = ""  # "metric", "optimization", "model" or "baseline"
     kinds: tuple[str, ...] = ("classification",)  # task kinds the algorithm supports
+    spec: TaskSpec  # set by build_algorithm: the tasks it was built for
 
     @abstractmethod
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
@@ -112,4 +113,6 @@ def build_algorithm(
             f"unknown option(s) {', '.join(unknown)} for algorithm {name}; "
             f"valid options: {', '.join(valid) or '(none)'}."
         )
-    return cls(backbone, spec, **options)
+    algo = cls(backbone, spec, **options)
+    algo.spec = spec
+    return algo

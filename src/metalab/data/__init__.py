@@ -18,6 +18,7 @@ __all__ = [
     "CLASS_DATASETS",
     "DataNotFoundError",
     "data_dirs",
+    "image_format",
     "load_dataset",
     "task_source",
 ]
@@ -46,3 +47,11 @@ def task_source(
     if name in REGRESSION_SOURCES:
         return REGRESSION_SOURCES[name].tasks(split, k_shot=k_shot, q_query=q_query, **options)
     return EpisodeSampler(load_dataset(name, split, data_dir, **options), n_way, k_shot, q_query)
+
+
+def image_format(name: str) -> dict[str, bool]:
+    """How to decode a user's image so it looks like data set ``name``'s examples.
+
+    Omniglot's black strokes on white are inverted when loaded (module flag ``INVERTED``).
+    """
+    return {"invert": bool(getattr(CLASS_DATASETS.get(name), "INVERTED", False))}

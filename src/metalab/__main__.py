@@ -1,0 +1,5 @@
+import sys
+
+from metalab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,224 @@
+"""The ``metalab`` command: train, evaluate, adapt, compare, datasets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from metalab import __version__
+
+EPILOG_CONFIGS = "built-in configs (use the name or a path to your own YAML): {}"
+
+
+def _train(args: argparse.Namespace) -> None:
+    from metalab.config import load_config
+    from metalab.tasks import fixed_episodes
+    from metalab.train import TEST_SEED, Trainer, load_checkpoint, task_sources
+
+    overrides = list(args.set) + ([f"out={args.out}"] if args.out else [])
+    config = load_config(args.config, overrides)
+    trainer = Trainer(config, progress=not args.quiet)
+    if args.resume:
+        trainer.resume()
+        print(f"resumed {config.out}/last.pt at step {trainer.state.step}")
+    state = trainer.fit()
+    print(f"trained {state.step} steps in {state.train_seconds:.0f} s; "
+          f"best validation {trainer.validate().metric} {state.best:.2f}")
+    algo, config = load_checkpoint(Path(config.out) / "best.pt")
+    from metalab.evaluate import evaluate
+
+    episodes = fixed_episodes(task_sources(config, config.test_split, train=False),
+                              config.test_episodes, TEST_SEED)
+    result = evaluate(algo.to(trainer.device), episodes, trainer.kind, trainer.device,
+                      progress=not args.quiet)
+    _write_json(Path(config.out) / "test.json", _result_record(config, result))
+    print(f"test ({config.test_n_way}-way {config.test_k_shot}-shot, best.pt): {result}")
+
+
+def _result_record(config, result) -> dict:
+    return {"algorithm": config.algorithm, "dataset": config.dataset, "split": config.test_split,
+            "n_way": config.test_n_way, "k_shot": config.test_k_shot,
+            "q_query": config.test_q_query, **result.to_dict()}
+
+
+def _write_json(path: Path, record: dict) -> None:
+    from metalab.io import atomic_write_text
+
+    atomic_write_text(json.dumps(record, indent=2) + "\n", path)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from metalab.evaluate import evaluate
+    from metalab.tasks import fixed_episodes
+    from metalab.train import TEST_SEED, load_checkpoint, resolve_device, task_sources
+
+    overrides = {key: value for key, value in (
+        ("test_n_way", args.n_way), ("test_k_shot", args.k_shot),
+        ("test_q_query", args.q_query), ("test_split", args.split),
+        ("data_dir", args.data_dir), ("device", args.device)) if value is not None}
+    algo, config = load_checkpoint(args.checkpoint, overrides)
+    device = resolve_device(config.device)
+    source = task_sources(config, config.test_split, train=False)
+    episodes = fixed_episodes(source, args.episodes, args.seed)
+    result = evaluate(algo.to(device), episodes, source.kind, device, progress=not args.quiet)
+    print(f"{config.algorithm} on {config.dataset}/{config.test_split}, {config.test_n_way}-way "
+          f"{config.test_k_shot}-shot: {result}")
+    if args.json:
+        _write_json(Path(args.json), _result_record(config, result))
+
+
+def _adapt(args: argparse.Namespace) -> None:
+    from metalab.data import image_format
+    from metalab.data.images import read_image
+    from metalab.train import load_checkpoint
+
+    algo, config = load_checkpoint(args.checkpoint)
+    channels, size = algo.spec.input_shape[0], algo.spec.input_shape[-1]
+    fmt = image_format(config.dataset)
+    classes, support_x, support_y = _read_support(Path(args.support), channels, size, fmt)
+    queries = _image_files(Path(args.query))
+    if not queries:
+        raise ValueError(f"no images in {args.query}; put the images to label there.")
+    query_x = torch.stack([read_image(p, channels, size, **fmt) for p in queries]).float() / 255
+    with torch.no_grad():
+        predictor = algo.adapt(support_x, support_y)
+        labels = predictor(query_x).argmax(-1)
+    for path, label in zip(queries, labels.tolist(), strict=True):
+        print(f"{path.name}\t{classes[label]}")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    from metalab.data.images import IMAGE_EXTENSIONS
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder.")
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+
+
+def _read_support(folder: Path, channels: int, size: int, fmt: dict):
+    from metalab.data.images import read_image
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"support folder {folder} does not exist; it must hold one "
+                                "sub-folder of example images per class.")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise ValueError(f"{folder} must hold at least two class sub-folders of images, "
+                         f"found {len(classes)}.")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        files = _image_files(folder / name)
+        if not files:
+            raise ValueError(f"class folder {folder / name} holds no images.")
+        images += [read_image(p, channels, size, **fmt) for p in files]
+        labels += [label] * len(files)
+    return classes, torch.stack(images).float() / 255, torch.tensor(labels)
+
+
+def _datasets(args: argparse.Namespace) -> None:
+    from metalab import data
+
+    if args.download:
+        if args.download != "omniglot":
+            raise ValueError("only omniglot can be downloaded; the others are embedded, "
+                             "procedural or your own folders.")
+        folder = data.omniglot.download(data.data_dirs(args.data_dir)[-1] / "omniglot")
+        print(f"omniglot downloaded to {folder}")
+    print("searched, in order: " + ", ".join(str(p) for p in data.data_dirs(args.data_dir)))
+    for name, module in {**data.CLASS_DATASETS, **data.REGRESSION_SOURCES}.items():
+        print(f"  {name:<10} {module.status(args.data_dir)}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from metalab.compare import run_compare
+
+    algorithms = args.algorithms.split(",") if args.algorithms else None
+    run_compare(args.suite, algorithms=algorithms, steps=args.steps, out=Path(args.out),
+                fresh=args.fresh, progress=not args.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from metalab.config import builtin_configs
+
+    parser = argparse.ArgumentParser(
+        prog="metalab", description="Meta-learning: train, evaluate and compare few-shot "
+        "learners of the metric, optimization and model-based families.")
+    parser.add_argument("--version", action="version", version=f"metalab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser(
+        "train", help="meta-train an algorithm from a config, then score it on the test split",
+        epilog=EPILOG_CONFIGS.format(", ".join(builtin_configs())))
+    train.add_argument("config", help="YAML config path or built-in config name")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key (repeatable), e.g. --set steps=500 "
+                       "--set algorithm_options.metric=cosine")
+    train.add_argument("--out", help="output folder (default: the config's 'out')")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from <out>/last.pt exactly where it stopped")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("evaluate", help="accuracy (or MSE) ± 95%% CI on fixed test episodes")
+    ev.add_argument("checkpoint", help="a best.pt or last.pt written by 'metalab train'")
+    ev.add_argument("--episodes", type=int, default=600, help="number of test episodes (600)")
+    ev.add_argument("--seed", type=int, default=1, help="seed of the fixed episodes (1)")
+    ev.add_argument("--n-way", type=int, help="classes per test episode (default: config's)")
+    ev.add_argument("--k-shot", type=int, help="support examples per class")
+    ev.add_argument("--q-query", type=int, help="query examples per class")
+    ev.add_argument("--split", help="split to test on (default: config's test_split)")
+    ev.add_argument("--data-dir", help="folder holding the data sets (or set METALAB_DATA)")
+    ev.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: config's)")
+    ev.add_argument("--json", help="also write the result to this JSON file")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=_evaluate)
+
+    adapt = sub.add_parser("adapt", help="adapt to your own few labelled images, label others")
+    adapt.add_argument("checkpoint")
+    adapt.add_argument("--support", required=True,
+                       help="folder with one sub-folder of images per class")
+    adapt.add_argument("--query", required=True, help="folder of images to label")
+    adapt.set_defaults(func=_adapt)
+
+    ds = sub.add_parser("datasets", help="which data sets are available and where")
+    ds.add_argument("--data-dir", help="extra folder to search first (or set METALAB_DATA)")
+    ds.add_argument("--download", metavar="NAME", help="download a data set (omniglot)")
+    ds.set_defaults(func=_datasets)
+
+    cmp = sub.add_parser("compare", help="train every algorithm on the same tasks and print a "
+                         "table of accuracy and adaptation latency")
+    cmp.add_argument("--suite", default="quick", help="quick (embedded glyphs, default)")
+    cmp.add_argument("--algorithms", help="comma-separated names (default: all registered)")
+    cmp.add_argument("--steps", type=int, help="meta-training steps per algorithm")
+    cmp.add_argument("--out", default="runs/compare", help="output folder (runs/compare)")
+    cmp.add_argument("--fresh", action="store_true", help="retrain even if cached")
+    cmp.add_argument("--quiet", action="store_true", help="no progress bars")
+    cmp.set_defaults(func=_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from metalab.train import TrainingDiverged
+
+    try:
+        args.func(args)
+    except TrainingDiverged as error:
+        print(f"metalab: {error}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError) as error:
+        if os.environ.get("METALAB_DEBUG"):
+            raise
+        print(f"metalab: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

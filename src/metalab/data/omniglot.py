@@ -1,0 +1,495 @@
+"""Omniglot: 1623 handwritten characters from 50 alphabets, each drawn by 20 people.
+
+Lake, Salakhutdinov & Tenenbaum (2015), *Human-level concept learning through probabilistic
+program induction*, Science 350(6266). Data: https://github.com/brendenlake/omniglot (MIT).
+
+**Files.** The authors publish two zips, ``images_background.zip`` (30 alphabets, 964
+characters) and ``images_evaluation.zip`` (20 alphabets, 659 characters), each holding
+``images_<set>/<Alphabet>/characterNN/<id>_<drawer>.png``: 105x105 1-bit PNGs, black strokes
+on white, drawers ``_01`` to ``_20``. :func:`load` looks in every folder of
+:func:`~metalab.data.paths.data_dirs`, at ``<dir>/omniglot/`` and then ``<dir>/``, for either
+the zips or their extracted folders, and checks them by structure (alphabet, character and
+drawing counts), not by checksum, so re-packed zips with the original PNGs are accepted.
+:func:`download` fetches the official zips (MD5-verified) and the Vinyals split files.
+
+**Processing.** Every PNG is decoded with Pillow, converted to 8-bit grayscale, inverted so
+that strokes are bright (255) on a dark (0) background, and resized to ``image_size`` squared
+with Pillow's ``Image.Resampling.LANCZOS`` filter. All 1623 characters are stored as one
+uint8 tensor ``[1623, 20, 1, S, S]`` (characters sorted by ``"Alphabet/characterNN"``,
+drawers in order ``_01`` to ``_20``) and cached under ``<cache>/omniglot/omniglotS.pt``. The
+cache records where its images came from (path, size and modification time of each zip, or
+of each extracted folder's alphabet and character directories) and is rebuilt when that
+changes; delete it to force a rebuild after editing PNGs inside an extracted folder in place.
+
+**Splits.**
+
+* ``splits="vinyals"`` (default): the class split of Vinyals et al. (2016, Matching Networks)
+  as used by Prototypical Networks, read from ``splits/vinyals/{train,val,test,trainval}.txt``
+  (from jakesnell/prototypical-networks). It mixes both sets' alphabets and *resamples* the
+  classes by rotation: each line ``Alphabet/characterNN/rotDDD`` is a class of its own, the
+  character's 20 drawings rotated counterclockwise (as displayed, row 0 at the top) by
+  ``DDD`` degrees, ``torch.rot90(x, DDD // 90, dims=(-2, -1))``. Train, val and test hold
+  1028, 172 and 423 characters, so 4112, 688 and 1692 classes; trainval is train + val (4800).
+  ``split`` may also be the path of a text file in the same format.
+* ``splits="lake"``: the authors' split, ``"background"`` (964 classes, also ``"train"``) or
+  ``"evaluation"`` (659 classes, also ``"test"``), without rotations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import re
+import tempfile
+import urllib.request
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from metalab.data.paths import DataNotFoundError, data_dirs
+from metalab.io import atomic_save, cache_dir
+from metalab.tasks import ClassDataset
+
+__all__ = ["OFFICIAL_BASE", "SPLITS_BASE", "download", "load", "status"]
+
+OFFICIAL_BASE = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
+SPLITS_BASE = (
+    "https://raw.githubusercontent.com/jakesnell/prototypical-networks/master/"
+    "data/omniglot/splits/vinyals/"
+)
+
+SETS = ("images_background", "images_evaluation")
+DRAWERS = 20
+# MD5s of the official zips, as published by torchvision (datasets/omniglot.py).
+_ZIP_MD5 = {
+    "images_background.zip": "68d2efa1b9178cc56df9314c21c6e718",
+    "images_evaluation.zip": "6b91aef0f799c5bb55b94e3f2daec811",
+}
+_EXPECTED = {"images_background": (30, 964), "images_evaluation": (20, 659)}  # alphabets, chars
+_VINYALS_SIZES = {"train": 4112, "val": 688, "test": 1692, "trainval": 4800}
+_LAKE_SPLITS = {
+    "background": "images_background", "train": "images_background",
+    "evaluation": "images_evaluation", "test": "images_evaluation",
+}
+_CACHE_FORMAT = 1  # bump when the processing changes, so old caches are rebuilt
+_FILE_RE = re.compile(r"\d+_(\d+)\.png")
+_LINE_RE = re.compile(r"([^/\s]+/character\d+)(?:/rot(\d+))?")
+
+
+def load(
+    split: str = "train",
+    data_dir: str | os.PathLike | None = None,
+    splits: str = "vinyals",
+    image_size: int = 28,
+    download: bool = False,
+) -> ClassDataset:
+    """Split ``split`` of Omniglot as a :class:`~metalab.tasks.ClassDataset` of characters.
+
+    ``splits`` picks the split scheme (``"vinyals"`` or ``"lake"``, see the module
+    docstring). ``data_dir`` is searched before ``$METALAB_DATA`` and the cache; with
+    ``download=True``, missing files are fetched into ``<cache>/data/omniglot``. The first
+    load decodes all 32,460 PNGs (seconds); later loads read the cached tensor.
+    """
+    if image_size < 1:
+        raise ValueError(f"image_size must be a positive number of pixels, got {image_size}.")
+    split_file = _as_split_file(split)
+    if split_file is None:
+        valid = {"vinyals": _VINYALS_SIZES, "lake": _LAKE_SPLITS}.get(splits)
+        if valid is None:
+            raise ValueError(f"unknown Omniglot splits {splits!r}; use 'vinyals' or 'lake'.")
+        if split not in valid:
+            raise ValueError(
+                f"unknown Omniglot {splits} split {split!r}; valid: {', '.join(valid)} "
+                "(or the path of a split file with one Alphabet/characterNN/rotDDD per line)."
+            )
+    dirs = data_dirs(data_dir)
+    root, base = _load_base(dirs, image_size, download)
+    names, images = base["names"], base["images"]
+    if split_file is not None:
+        lines = split_file.read_text().split()
+    elif splits == "lake":
+        keep = base["background"] == (_LAKE_SPLITS[split] == "images_background")
+        kept = [name for name, k in zip(names, keep.tolist(), strict=True) if k]
+        return ClassDataset(data=images[keep], names=kept, group="character")
+    else:
+        split_file = _find_split_file(split, root, dirs, download)
+        lines = split_file.read_text().split()
+        if len(lines) != _VINYALS_SIZES[split]:
+            raise DataNotFoundError(
+                f"{split_file} has {len(lines)} classes; the Vinyals {split} split has "
+                f"{_VINYALS_SIZES[split]}, so the file is incomplete. To fix: {_splits_hint()}"
+            )
+    data, class_names = _rotated(names, images, lines, split_file)
+    return ClassDataset(data=data, names=class_names, group="character")
+
+
+def status(data_dir: str | os.PathLike | None = None) -> str:
+    """One line for ``metalab datasets``: where Omniglot was found and what is cached.
+
+    Only looks at file names; nothing is decoded.
+    """
+    dirs = data_dirs(data_dir)
+    root, sources, notes = _find_root(dirs)
+    if root is None:
+        found = "; ".join(notes)
+        return f"not found (looked in: {_looked_in(dirs)}){'; ' + found if found else ''}"
+    kind = "zips" if all(p.suffix == ".zip" for p in sources.values()) else "folders"
+    has_splits = any((d / "train.txt").is_file() for d in _split_dirs(root, dirs))
+    cached = sorted(p.name for p in (cache_dir() / "omniglot").glob("omniglot*.pt"))
+    return (
+        f"{root} ({kind}; Vinyals splits {'found' if has_splits else 'missing'}); cache: "
+        f"{', '.join(cached) if cached else 'none (the first load decodes 32,460 PNGs)'}"
+    )
+
+
+def download(
+    dest_dir: str | os.PathLike, base_url: str = OFFICIAL_BASE, splits_url: str = SPLITS_BASE
+) -> Path:
+    """Fetch the official zips and the Vinyals split files into ``dest_dir``; return it.
+
+    Zips are checked against the official MD5s and split files against their line counts
+    before being moved into place, so ``dest_dir`` never holds a partial or wrong file.
+    Files already present are kept.
+    """
+    dest = Path(dest_dir)
+    _download_images(dest, base_url)
+    _download_splits(dest, splits_url)
+    return dest
+
+
+# --- finding the files -------------------------------------------------------------------------
+
+
+def _candidates(dirs: list[Path]) -> list[Path]:
+    return [c for d in dirs for c in (d / "omniglot", d)]
+
+
+def _find_root(dirs: list[Path]) -> tuple[Path | None, dict[str, Path], list[str]]:
+    """The first folder with both sets (zip or extracted), its sources, and partial finds."""
+    notes = []
+    for root in _candidates(dirs):
+        sources = {}
+        for name in SETS:
+            if (root / f"{name}.zip").is_file():
+                sources[name] = root / f"{name}.zip"
+            elif (root / name).is_dir():
+                sources[name] = root / name
+        if len(sources) == len(SETS):
+            return root, sources, notes
+        if sources:
+            missing = next(name for name in SETS if name not in sources)
+            notes.append(f"{root} has {', '.join(p.name for p in sources.values())} but no "
+                         f"{missing}.zip or {missing}/")
+    return None, {}, notes
+
+
+def _looked_in(dirs: list[Path]) -> str:
+    return ", ".join(str(c) for c in _candidates(dirs))
+
+
+def _fix_hint(dirs: list[Path]) -> str:
+    return (
+        f"Looked in: {_looked_in(dirs)}. To fix: set METALAB_DATA (or pass --data-dir) to a "
+        "folder holding images_background.zip and images_evaluation.zip (directly or under "
+        "omniglot/), or pass download=True / run `metalab datasets --download omniglot` to "
+        f"fetch them from {OFFICIAL_BASE}."
+    )
+
+
+def _split_dirs(root: Path, dirs: list[Path]) -> list[Path]:
+    # Next to the images first; then anywhere else, e.g. split files downloaded into the cache
+    # while the images sit in a read-only shared folder.
+    found = [root / "splits" / "vinyals"]
+    found += [c / "splits" / "vinyals" for c in _candidates(dirs) if c != root]
+    return found
+
+
+def _splits_hint() -> str:
+    return (
+        "copy {train,val,test,trainval}.txt from jakesnell/prototypical-networks "
+        f"(data/omniglot/splits/vinyals, {SPLITS_BASE}) into <omniglot folder>/splits/vinyals/, "
+        "or pass download=True / run `metalab datasets --download omniglot`, or use "
+        "splits='lake'."
+    )
+
+
+def _find_split_file(split: str, root: Path, dirs: list[Path], download: bool) -> Path:
+    places = _split_dirs(root, dirs)
+    for place in places:
+        if (place / f"{split}.txt").is_file():
+            return place / f"{split}.txt"
+    if download:
+        dest = dirs[-1] / "omniglot"
+        _download_splits(dest, SPLITS_BASE)
+        return dest / "splits" / "vinyals" / f"{split}.txt"
+    raise DataNotFoundError(
+        f"the Vinyals split file {split}.txt was not found (looked in: "
+        f"{', '.join(map(str, places))}). The Vinyals splits need it: {_splits_hint()}"
+    )
+
+
+def _as_split_file(split: str) -> Path | None:
+    """``split`` as the path of a split file, or None if it is a split name."""
+    if not (split.endswith(".txt") or os.sep in split or "/" in split):
+        return None
+    path = Path(split)
+    if not path.is_file():
+        raise DataNotFoundError(f"Omniglot split file {path} does not exist.")
+    return path
+
+
+# --- decoding and caching ----------------------------------------------------------------------
+
+
+def _fingerprint(sources: dict[str, Path]) -> list[list[Any]]:
+    """What the cache depends on: each source's path, size and modification time.
+
+    An extracted folder is keyed by the modification times of its alphabet and character
+    directories, which change when files are added, removed or renamed.
+    """
+    key = []
+    for name in SETS:
+        path = sources[name].resolve()
+        if path.is_file():
+            stat = path.stat()
+            key.append([str(path), stat.st_size, stat.st_mtime_ns])
+            continue
+        times = [path.stat().st_mtime_ns]
+        for alphabet in sorted(os.scandir(path), key=lambda e: e.name):
+            if alphabet.is_dir():
+                times.append(alphabet.stat().st_mtime_ns)
+                times += sorted(e.stat().st_mtime_ns for e in os.scandir(alphabet) if e.is_dir())
+        key.append([str(path), *times])
+    return key
+
+
+def _load_base(
+    dirs: list[Path], image_size: int, download: bool
+) -> tuple[Path, dict[str, Any]]:
+    """The folder the images came from and the cached dict with all 1623 characters."""
+    root, sources, notes = _find_root(dirs)
+    if root is None:
+        if not download:
+            partial = f" ({'; '.join(notes)})" if notes else ""
+            raise DataNotFoundError(
+                f"Omniglot images not found{partial}. {_fix_hint(dirs)}"
+            )
+        _download_images(dirs[-1] / "omniglot", OFFICIAL_BASE)
+        root, sources, _ = _find_root(dirs)
+        assert root is not None  # the download just put both zips in dirs[-1]/omniglot
+    key = _fingerprint(sources)
+    path = cache_dir() / "omniglot" / f"omniglot{image_size}.pt"
+    base = _read_cache(path, key, image_size)
+    if base is None:
+        base = _build(sources, image_size, dirs)
+        base.update(format=_CACHE_FORMAT, source=key, image_size=image_size)
+        atomic_save(base, path)
+    return root, base
+
+
+def _read_cache(path: Path, key: list[list[Any]], image_size: int) -> dict[str, Any] | None:
+    """The cached dict if it exists and was built from the same files; None otherwise."""
+    if not path.is_file():
+        return None
+    try:
+        base = torch.load(path, weights_only=True)
+    except Exception:  # an unreadable cache is rebuilt, never trusted
+        return None
+    fresh = (isinstance(base, dict) and base.get("format") == _CACHE_FORMAT
+             and base.get("source") == key and base.get("image_size") == image_size)
+    return base if fresh else None
+
+
+@contextlib.contextmanager
+def _open_set(source: Path) -> Iterator[tuple[list[str], Callable[[str], bytes]]]:
+    """The PNG paths of one set (zip members or files) and a function reading one's bytes."""
+    if source.is_dir():
+        paths = [p.relative_to(source).as_posix() for p in source.rglob("*.png")]
+        yield paths, lambda p: (source / p).read_bytes()
+        return
+    try:
+        archive = zipfile.ZipFile(source)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ValueError(
+            f"{source} is not a readable zip file ({error}); delete it and download it again "
+            "(download=True / `metalab datasets --download omniglot`) or copy a good one."
+        ) from error
+    with archive:
+        yield archive.namelist(), archive.read
+
+
+def _index(paths: Iterable[str], where: Path) -> dict[str, dict[int, str]]:
+    """``"Alphabet/characterNN"`` -> drawer number -> path of that drawing."""
+    chars: dict[str, dict[int, str]] = {}
+    for path in paths:
+        parts = path.split("/")
+        # Skip directories and hidden files (e.g. macOS's ._ resource forks).
+        if not path.endswith(".png") or len(parts) < 3 or parts[-1].startswith("."):
+            continue
+        match = _FILE_RE.fullmatch(parts[-1])
+        if match is None:
+            raise ValueError(f"{where}: unexpected file {path}; Omniglot drawings are named "
+                             "<id>_<drawer>.png.")
+        chars.setdefault(f"{parts[-3]}/{parts[-2]}", {})[int(match[1])] = path
+    return chars
+
+
+def _check_structure(
+    chars: dict[str, dict[int, str]], where: Path, expected: tuple[int, int], dirs: list[Path]
+) -> None:
+    """Raise unless the set has the expected alphabets and characters, 20 drawings each."""
+    alphabets = len({name.split("/")[0] for name in chars})
+    if (alphabets, len(chars)) != expected:
+        raise DataNotFoundError(
+            f"{where} has {alphabets} alphabets and {len(chars)} characters; expected "
+            f"{expected[0]} and {expected[1]}, so it is incomplete or not Omniglot. "
+            f"{_fix_hint(dirs)}"
+        )
+    want = list(range(1, DRAWERS + 1))
+    for name, drawers in chars.items():
+        if sorted(drawers) != want:
+            raise DataNotFoundError(
+                f"{where}: character {name} has {len(drawers)} drawings "
+                f"(drawers {sorted(drawers)}); expected {DRAWERS}, _01 to _{DRAWERS}. "
+                f"{_fix_hint(dirs)}"
+            )
+
+
+def _decode(data: bytes, size: int) -> bytes:
+    """One PNG as ``size * size`` bytes: grayscale, inverted, Lanczos-resized."""
+    with Image.open(io.BytesIO(data)) as image:
+        image = ImageOps.invert(image.convert("L"))
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.LANCZOS)
+    return image.tobytes()
+
+
+def _build(sources: dict[str, Path], size: int, dirs: list[Path]) -> dict[str, Any]:
+    """Decode both sets into the dict that is cached (see the module docstring)."""
+    with contextlib.ExitStack() as stack:
+        entries = []  # (name, is background, reader, drawer paths)
+        for set_name in SETS:
+            source = sources[set_name]
+            paths, read = stack.enter_context(_open_set(source))
+            chars = _index(paths, source)
+            _check_structure(chars, source, _EXPECTED[set_name], dirs)
+            background = set_name == "images_background"
+            entries += [(name, background, read, source, drawers)
+                        for name, drawers in chars.items()]
+        entries.sort(key=lambda entry: entry[0])
+        names = [entry[0] for entry in entries]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{', '.join(map(str, sources.values()))} share character folders; "
+                             "each character must be in exactly one set.")
+        buffer = bytearray()
+        bar = tqdm(total=len(entries) * DRAWERS, unit="img", desc="decoding Omniglot (once)")
+        with bar:
+            for _, _, read, source, drawers in entries:
+                for drawer in range(1, DRAWERS + 1):
+                    member = drawers[drawer]
+                    try:
+                        buffer += _decode(read(member), size)
+                    except (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile,
+                            zlib.error) as error:
+                        raise ValueError(
+                            f"cannot decode {source}: {member} ({error}); the file is "
+                            "corrupt. Replace it with a good copy, or delete the data and "
+                            "download it again (download=True)."
+                        ) from error
+                bar.update(DRAWERS)
+    images = torch.frombuffer(buffer, dtype=torch.uint8).view(len(names), DRAWERS, 1, size, size)
+    background = torch.tensor([entry[1] for entry in entries], dtype=torch.bool)
+    return {"names": names, "images": images, "background": background}
+
+
+def _rotated(
+    names: list[str], images: torch.Tensor, lines: list[str], where: Path
+) -> tuple[torch.Tensor, list[str]]:
+    """The classes of a Vinyals split: each line's character rotated by its angle."""
+    position = {name: i for i, name in enumerate(names)}
+    index, turns, class_names = [], [], []
+    for line in lines:
+        match = _LINE_RE.fullmatch(line)
+        degrees = int(match[2] or 0) if match else -1
+        if match is None or match[1] not in position or degrees not in (0, 90, 180, 270):
+            raise ValueError(
+                f"{where}: line {line!r} is not Alphabet/characterNN/rotDDD with a character "
+                "of Omniglot and DDD one of 000, 090, 180, 270."
+            )
+        index.append(position[match[1]])
+        turns.append(degrees // 90)
+        class_names.append(f"{match[1]}/rot{degrees:03d}")
+    index_t, turns_t = torch.tensor(index, dtype=torch.long), torch.tensor(turns)
+    data = images.new_empty((len(lines), *images.shape[1:]))
+    for k in range(4):
+        chosen = torch.nonzero(turns_t == k).flatten()
+        rotated = torch.rot90(images.index_select(0, index_t[chosen]), k, dims=(-2, -1))
+        data.index_copy_(0, chosen, rotated.contiguous())
+    return data, class_names
+
+
+# --- downloading -------------------------------------------------------------------------------
+
+
+def _download_images(dest: Path, base_url: str) -> None:
+    for name, md5 in _ZIP_MD5.items():
+        if not (dest / name).exists():
+            _fetch(base_url + name, dest / name, md5=md5)
+
+
+def _download_splits(dest: Path, base_url: str) -> None:
+    for split, lines in _VINYALS_SIZES.items():
+        target = dest / "splits" / "vinyals" / f"{split}.txt"
+        if not target.exists():
+            _fetch(f"{base_url}{split}.txt", target, lines=lines)
+
+
+def _fetch(url: str, target: Path, md5: str | None = None, lines: int | None = None) -> None:
+    """Download ``url`` to a temporary file, check its MD5 or line count, move it to ``target``.
+
+    The temporary file is deleted on any failure, so ``target`` is either absent or complete.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    tmp = Path(name)
+    digest = hashlib.md5(usedforsecurity=False)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response:
+                    total = int(response.headers.get("Content-Length") or 0) or None
+                    with tqdm(total=total, unit="B", unit_scale=True, desc=target.name) as bar:
+                        while chunk := response.read(1 << 16):
+                            file.write(chunk)
+                            digest.update(chunk)
+                            bar.update(len(chunk))
+            except OSError as error:  # URLError, HTTPError, timeouts
+                raise DataNotFoundError(
+                    f"could not download {url}: {getattr(error, 'reason', error)}. Check the "
+                    f"connection and retry, or put the file in {target.parent} by hand."
+                ) from error
+            file.flush()
+            os.fsync(file.fileno())
+        problem = None
+        if md5 is not None and digest.hexdigest() != md5:
+            problem = f"MD5 {digest.hexdigest()}, but the official file has MD5 {md5}"
+        elif lines is not None and (count := len(tmp.read_text().split())) != lines:
+            problem = f"{count} lines, but the official file has {lines}"
+        if problem:
+            raise ValueError(
+                f"{url} downloaded with {problem}; the download was deleted. Retry later (the "
+                "server may have sent an error page or a truncated file), or put a good copy "
+                f"in {target.parent} by hand, or set METALAB_DATA to a folder that already "
+                "holds the Omniglot data."
+            )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)

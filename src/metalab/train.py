@@ -1,0 +1,281 @@
+"""Meta-training any registered algorithm: meta-batches, Adam, validation, checkpoints, resume.
+
+The loop reads top to bottom::
+
+    for step in range(start, steps):
+        batch = train_tasks.sample(tasks_per_batch, step_generator(seed, step))
+        loss, metrics = algo.meta_loss(batch); loss.backward(); optimizer.step()
+        every val_every steps: score fixed validation episodes, write last.pt (and best.pt)
+
+Every step's tasks come from a generator seeded by ``(seed, step)``, so ``--resume`` from
+``last.pt`` continues exactly the trajectory of an uninterrupted run. Checkpoints are written
+atomically and loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from metalab import data
+from metalab.algorithms import MetaLearner, TaskSpec, build_algorithm
+from metalab.config import Config
+from metalab.evaluate import EvalResult, evaluate
+from metalab.io import atomic_save, atomic_write_text
+from metalab.models import build_backbone
+from metalab.tasks import TaskSource, fixed_episodes, step_generator
+
+__all__ = [
+    "VAL_SEED",
+    "TEST_SEED",
+    "TrainingDiverged",
+    "Trainer",
+    "build",
+    "load_checkpoint",
+    "read_checkpoint",
+    "task_spec",
+    "resolve_device",
+]
+
+VAL_SEED = 1234  # the fixed validation episodes
+TEST_SEED = 1  # the fixed test episodes (as in the MAML reference code)
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def task_sources(config: Config, split: str, train: bool) -> TaskSource:
+    """The task source of ``split`` with the training or the test episode sizes."""
+    sizes = ((config.n_way, config.k_shot, config.q_query) if train else
+             (config.test_n_way, config.test_k_shot, config.test_q_query))
+    return data.task_source(config.dataset, split, *sizes, data_dir=config.data_dir,
+                            **config.dataset_options)
+
+
+def task_spec(config: Config, train_source: TaskSource) -> TaskSpec:
+    """What the algorithm must know about ``train_source``'s tasks to build its layers."""
+    if train_source.kind == "classification":
+        dataset = train_source.dataset
+        return TaskSpec(kind="classification", n_way=config.n_way,
+                        input_shape=dataset.example_shape, num_classes=dataset.num_classes)
+    probe = train_source.sample(1, torch.Generator().manual_seed(0))
+    return TaskSpec(kind="regression", n_way=0, input_shape=tuple(probe.support_x.shape[2:]),
+                    output_dim=probe.support_y.shape[-1])
+
+
+def build(config: Config, spec: TaskSpec) -> MetaLearner:
+    """The algorithm and backbone the config names, sized for tasks described by ``spec``."""
+    torch.manual_seed(config.seed)
+    backbone = build_backbone(config.backbone, spec.input_shape, **config.backbone_options)
+    return build_algorithm(config.algorithm, backbone, spec, **config.algorithm_options)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    best: float | None = None  # best validation score (higher accuracy / lower mse)
+    train_seconds: float = 0.0
+
+
+class Trainer:
+    """Trains ``config``'s algorithm, writing ``log.jsonl``, ``last.pt`` and ``best.pt`` to
+    ``config.out``."""
+
+    def __init__(self, config: Config, progress: bool = True) -> None:
+        self.config = config
+        self.progress = progress
+        self.device = resolve_device(config.device)
+        self.out = Path(config.out)
+        self.train_tasks = task_sources(config, config.train_split, train=True)
+        self.kind = self.train_tasks.kind
+        self.spec = task_spec(config, self.train_tasks)
+        self.algo = build(config, self.spec).to(self.device)
+        self.optimizer = torch.optim.Adam(
+            self.algo.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(
+            self.optimizer, step_size=config.lr_decay_every or 10**12, gamma=config.lr_decay)
+        self.state = TrainState()
+        self._val_episodes = None
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "algorithm": self.config.algorithm,
+            "backbone": self.config.backbone,
+            "spec": {**dataclasses.asdict(self.spec),
+                     "input_shape": list(self.spec.input_shape)},
+            "model": self.algo.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.state.step,
+            "best": self.state.best,
+            "train_seconds": self.state.train_seconds,
+        }
+
+    def resume(self, path: str | Path | None = None) -> None:
+        """Continue from ``path`` (default ``<out>/last.pt``): weights, optimiser, step."""
+        path = Path(path) if path else self.out / "last.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"cannot resume: no checkpoint at {path}; "
+                                    "train without --resume to start a new run.")
+        ckpt = read_checkpoint(path)
+        check_compatible(ckpt, self.config, path)
+        self.algo.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.state = TrainState(ckpt["step"], ckpt["best"], ckpt["train_seconds"])
+        self._truncate_log(self.state.step)
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log lines written after the checkpoint we resume from (they will be redone)."""
+        log = self.out / "log.jsonl"
+        if log.exists():
+            kept = [line for line in log.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= step]
+            atomic_write_text("".join(line + "\n" for line in kept), log)
+
+    def _save(self, name: str) -> None:
+        atomic_save(self.checkpoint(), self.out / name)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def validation_episodes(self) -> list:
+        if self._val_episodes is None:
+            source = task_sources(self.config, self.config.val_split, train=False)
+            self._val_episodes = fixed_episodes(source, self.config.val_episodes, VAL_SEED)
+        return self._val_episodes
+
+    def validate(self) -> EvalResult:
+        return evaluate(self.algo, self.validation_episodes(), self.kind, self.device)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def fit(self) -> TrainState:
+        """Train until ``config.steps``; returns the final state. Raises TrainingDiverged."""
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", self.out / "config.json")
+        self.algo.train()
+        bar = tqdm(total=cfg.steps, initial=self.state.step, desc=cfg.algorithm,
+                   disable=not self.progress, dynamic_ncols=True)
+        sums: dict[str, float] = {}
+        while self.state.step < cfg.steps:
+            step = self.state.step
+            started = time.perf_counter()
+            torch.manual_seed(cfg.seed * 1_000_003 + step)  # any randomness inside the model
+            batch = self.train_tasks.sample(cfg.tasks_per_batch, step_generator(cfg.seed, step))
+            loss, metrics = self.algo.meta_loss(batch.to(self.device))
+            if not math.isfinite(loss.item()):
+                bar.close()
+                raise TrainingDiverged(self._diverged_message(step, loss.item()))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.algo.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.state.step += 1
+            self.state.train_seconds += time.perf_counter() - started
+
+            for key, value in {"loss": loss.item(), **metrics}.items():
+                sums[key] = sums.get(key, 0.0) + value
+            if self.state.step % cfg.log_every == 0 or self.state.step == cfg.steps:
+                count = (self.state.step - 1) % cfg.log_every + 1
+                means = {k: v / count for k, v in sums.items()}
+                self._log({"step": self.state.step, "lr": self.scheduler.get_last_lr()[0],
+                           "train_seconds": round(self.state.train_seconds, 3), **means})
+                bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
+                sums = {}
+            bar.update()
+            if self.state.step % cfg.val_every == 0 or self.state.step == cfg.steps:
+                self._validate_and_save()
+        bar.close()
+        return self.state
+
+    def _validate_and_save(self) -> None:
+        result = self.validate()
+        better = (self.state.best is None or
+                  (result.mean > self.state.best if result.metric == "accuracy"
+                   else result.mean < self.state.best))
+        if better:
+            self.state.best = result.mean
+        self._log({"step": self.state.step, f"val_{result.metric}": result.mean,
+                   "val_ci95": result.ci95, "train_seconds": round(self.state.train_seconds, 3)})
+        self._save("last.pt")
+        if better:
+            self._save("best.pt")
+
+    def _diverged_message(self, step: int, value: float) -> str:
+        last = self.out / "last.pt"
+        kept = (f"the last good checkpoint {last} (step {read_checkpoint(last)['step']}) is kept"
+                if last.exists() else "no checkpoint had been written yet")
+        return (f"training stopped: the loss became {value} at step {step + 1}; {kept}. "
+                "Lower lr or set grad_clip (e.g. --set grad_clip=1.0), then rerun; "
+                "with a checkpoint, add --resume to continue from it.")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a metalab checkpoint safely (``weights_only=True``) and check its format."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt, truncated or not a torch file
+        raise ValueError(f"{path} is not a readable metalab checkpoint ({error}).") from error
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a metalab checkpoint (format {CHECKPOINT_FORMAT}).")
+    return ckpt
+
+
+def check_compatible(ckpt: dict[str, Any], config: Config, path: str | Path) -> None:
+    """A checkpoint can only continue a run of the same algorithm and backbone."""
+    for key in ("algorithm", "backbone"):
+        if ckpt[key] != getattr(config, key):
+            raise ValueError(
+                f"{path} holds a {ckpt[key]} {key}, but the config asks for "
+                f"{getattr(config, key)}; use that checkpoint's config, or a new 'out' folder.")
+    for key in ("algorithm_options", "backbone_options"):
+        if ckpt["config"][key] != getattr(config, key):
+            raise ValueError(
+                f"{path} was trained with {key}={ckpt['config'][key]}, but the config has "
+                f"{getattr(config, key)}; they must match to load its weights.")
+
+
+def load_checkpoint(
+    path: str | Path, overrides: dict[str, Any] | None = None
+) -> tuple[MetaLearner, Config]:
+    """The trained algorithm in ``path`` (in eval mode) and the config that trained it.
+
+    ``overrides`` change config fields that do not affect the weights (e.g. ``test_n_way``).
+    """
+    ckpt = read_checkpoint(path)
+    config = Config.from_dict({**ckpt["config"], **(overrides or {})}, source=str(path))
+    check_compatible(ckpt, config, path)
+    spec = TaskSpec(**{**ckpt["spec"], "input_shape": tuple(ckpt["spec"]["input_shape"])})
+    algo = build(config, spec)
+    try:
+        algo.load_state_dict(ckpt["model"])
+    except RuntimeError as error:
+        raise ValueError(f"{path} does not fit {config.algorithm} with backbone "
+                         f"{config.backbone}: {error}") from error
+    return algo.eval(), config

@@ -1,0 +1,46 @@
+"""Shared fixtures: a hermetic cache, the real-data gate, and a small synthetic data set."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from metalab.tasks import ClassDataset
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hermetic_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Processed-data caches go to a per-session folder, never the user's ~/.cache."""
+    cache = tmp_path_factory.mktemp("metalab-cache")
+    previous = os.environ.get("METALAB_CACHE")
+    os.environ["METALAB_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("METALAB_CACHE", None)
+    else:
+        os.environ["METALAB_CACHE"] = previous
+
+
+def real_data_dir(name: str) -> Path:
+    """``$METALAB_DATA`` if it holds data set ``name``; skip (or fail when CI=true) if not."""
+    root = os.environ.get("METALAB_DATA")
+    if root and (Path(root) / name).exists():
+        return Path(root)
+    reason = (f"the real {name} data is not available: set METALAB_DATA to a folder holding "
+              f"{name}/ (e.g. METALAB_DATA=../shared/data)")
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true and {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def easy_dataset(num_classes: int = 30, per_class: int = 20, size: int = 16,
+                 seed: int = 0) -> ClassDataset:
+    """Classes that are fixed random binary patterns plus light noise: easy to tell apart."""
+    gen = torch.Generator().manual_seed(seed)
+    templates = (torch.rand(num_classes, 1, 1, size, size, generator=gen) > 0.5).float()
+    noise = 0.15 * torch.randn(num_classes, per_class, 1, size, size, generator=gen)
+    data = ((templates + noise).clamp(0, 1) * 255).round().to(torch.uint8)
+    return ClassDataset(data, [f"pattern{i}" for i in range(num_classes)])
