@@ -44,3 +44,42 @@ def easy_dataset(num_classes: int = 30, per_class: int = 20, size: int = 16,
     noise = 0.15 * torch.randn(num_classes, per_class, 1, size, size, generator=gen)
     data = ((templates + noise).clamp(0, 1) * 255).round().to(torch.uint8)
     return ClassDataset(data, [f"pattern{i}" for i in range(num_classes)])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny test tensors run several times faster on one thread on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def easy_data(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Registers the easy synthetic data set as ``easy`` (train: 20 classes, val/test: 10)."""
+    import types
+
+    from metalab import data
+
+    full = easy_dataset(num_classes=30, size=16)
+
+    def load(split: str, data_dir: object = None) -> ClassDataset:
+        part = slice(0, 20) if split == "train" else slice(20, 30)
+        return ClassDataset(full.data[part], full.names[part])
+
+    module = types.SimpleNamespace(load=load, status=lambda data_dir=None: "synthetic (tests)")
+    monkeypatch.setitem(data.CLASS_DATASETS, "easy", module)
+    return "easy"
+
+
+def easy_config(out: Path, **changes: object):
+    """A small, fast training config on the ``easy`` data set."""
+    from metalab.config import Config
+
+    values = dict(dataset="easy", backbone="conv4", backbone_options={"hidden": 16},
+                  n_way=5, k_shot=1, q_query=5, tasks_per_batch=2, test_n_way=5,
+                  test_k_shot=1, test_q_query=5, steps=20, val_every=10, val_episodes=20,
+                  test_episodes=50, log_every=5, lr=3e-3, out=str(out))
+    values.update(changes)
+    return Config(**values)

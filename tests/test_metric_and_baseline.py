@@ -6,6 +6,8 @@ whose signal lives in a few dimensions, plus noise that an embedding has to lear
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import nn
@@ -20,6 +22,15 @@ from metalab.tasks import ClassDataset, EpisodeSampler, TaskBatch
 DIM = 32
 
 
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """These tensors are tiny: on a shared 2-core machine, extra threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def prototype_dataset(num_classes: int, seed: int, per_class: int = 20) -> ClassDataset:
     """Vectors of ``DIM`` features: a class prototype in the first 8, large noise elsewhere."""
     gen = torch.Generator().manual_seed(seed)
@@ -31,7 +42,7 @@ def prototype_dataset(num_classes: int, seed: int, per_class: int = 20) -> Class
 
 
 def image_batch(num_tasks: int = 2, n_way: int = 3, k_shot: int = 2, q_query: int = 2,
-                size: int = 12) -> TaskBatch:
+                size: int = 16) -> TaskBatch:
     """Random 1 x size x size episodes (shape checks only)."""
     dataset = ClassDataset(torch.rand(6, 5, 1, size, size), [str(i) for i in range(6)])
     sampler = EpisodeSampler(dataset, n_way, k_shot, q_query)
@@ -117,7 +128,7 @@ def test_matchingnet_fce_support_is_order_sensitive_and_query_reads_a_set() -> N
 
 
 def test_matchingnet_fce_gradient_reaches_both_lstms() -> None:
-    spec = TaskSpec(n_way=3, input_shape=(1, 12, 12))
+    spec = TaskSpec(n_way=3, input_shape=(1, 16, 16))
     algo = MatchingNet(Conv4(hidden=8), spec, fce=True, fce_steps=2)
     loss, _ = algo.meta_loss(image_batch())
     loss.backward()
@@ -153,7 +164,7 @@ def test_relationnet_scores_in_unit_interval_for_feature_maps(size: int) -> None
 
 
 def test_relationnet_flat_features_use_an_mlp_relation_module() -> None:
-    spec = TaskSpec(n_way=3, input_shape=(1, 12, 12))
+    spec = TaskSpec(n_way=3, input_shape=(1, 16, 16))
     algo = RelationNet(Conv4(hidden=8), spec, loss="ce")  # flatten=True: vectors
     assert not any(isinstance(m, nn.Conv2d) for m in algo.relation.modules())
     loss, _ = algo.meta_loss(image_batch())
@@ -188,7 +199,7 @@ def test_relationnet_rejects_unknown_options() -> None:
 
 
 def test_relationnet_beats_chance() -> None:
-    assert train_and_score("relationnet") > 0.45
+    assert train_and_score("relationnet", steps=100) > 0.4
 
 
 # ---------------------------------------------------------------- fine-tune baseline
@@ -216,7 +227,7 @@ def test_finetune_fits_separable_support(head: str) -> None:
 
 @pytest.mark.parametrize("finetune_all", [False, True])
 def test_finetune_adapt_is_deterministic_and_leaves_module_alone(finetune_all: bool) -> None:
-    spec = TaskSpec(input_shape=(1, 12, 12), num_classes=6)
+    spec = TaskSpec(input_shape=(1, 16, 16), num_classes=6)
     algo = FineTune(Conv4(hidden=8), spec, finetune_steps=5, finetune_all=finetune_all).eval()
     before = {k: v.clone() for k, v in algo.state_dict().items()}
     batch = image_batch()
@@ -231,7 +242,7 @@ def test_finetune_adapt_is_deterministic_and_leaves_module_alone(finetune_all: b
 
 
 def test_finetune_all_changes_the_predictor_backbone() -> None:
-    spec = TaskSpec(input_shape=(1, 12, 12), num_classes=6)
+    spec = TaskSpec(input_shape=(1, 16, 16), num_classes=6)
     algo = FineTune(Conv4(hidden=8), spec, finetune_steps=3, finetune_all=True).eval()
     batch = image_batch()
     predictor = algo.adapt(batch.support_x[0], batch.support_y[0])
@@ -243,12 +254,12 @@ def test_finetune_all_changes_the_predictor_backbone() -> None:
 def test_finetune_needs_global_classes() -> None:
     with pytest.raises(ValueError, match="num_classes"):
         FineTune(nn.Identity(), TaskSpec(input_shape=(DIM,)))
-    algo = FineTune(Conv4(hidden=8), TaskSpec(input_shape=(1, 12, 12), num_classes=6))
+    algo = FineTune(Conv4(hidden=8), TaskSpec(input_shape=(1, 16, 16), num_classes=6))
     batch = image_batch()
     no_classes = TaskBatch(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
     with pytest.raises(ValueError, match="classes"):
         algo.meta_loss(no_classes)
-    too_few = FineTune(Conv4(hidden=8), TaskSpec(input_shape=(1, 12, 12), num_classes=2))
+    too_few = FineTune(Conv4(hidden=8), TaskSpec(input_shape=(1, 16, 16), num_classes=2))
     with pytest.raises(ValueError, match="num_classes"):
         too_few.meta_loss(batch)
 
@@ -271,4 +282,4 @@ def test_finetune_pretrains_on_global_labels() -> None:
 
 @pytest.mark.parametrize("head", ["linear", "cosine"])
 def test_finetune_beats_chance(head: str) -> None:
-    assert train_and_score("finetune", head=head, finetune_steps=50) > 0.45
+    assert train_and_score("finetune", steps=100, head=head, finetune_steps=50) > 0.6

@@ -27,8 +27,9 @@ def _train(args: argparse.Namespace) -> None:
         trainer.resume()
         print(f"resumed {config.out}/last.pt at step {trainer.state.step}")
     state = trainer.fit()
+    metric = "accuracy (%)" if trainer.kind == "classification" else "mse"
     print(f"trained {state.step} steps in {state.train_seconds:.0f} s; "
-          f"best validation {trainer.validate().metric} {state.best:.2f}")
+          f"best validation {metric} {state.best:.2f}")
     algo, config = load_checkpoint(Path(config.out) / "best.pt")
     from metalab.evaluate import evaluate
 

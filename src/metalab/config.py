@@ -50,6 +50,7 @@ class Config:
     val_episodes: int = 200
     test_episodes: int = 600
     log_every: int = 10
+    precision: str = "fp32"  # "bf16": autocast the training forward pass (evaluation stays fp32)
     seed: int = 0
     device: str = "auto"
     out: str = "runs/default"
@@ -63,7 +64,10 @@ class Config:
             raise ValueError(
                 f"unknown key(s) in {source}: {', '.join(unknown)}; valid keys: {', '.join(names)}."
             )
-        return cls(**values)
+        config = cls(**values)
+        if config.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {config.precision!r}.")
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -91,7 +91,8 @@ def build(config: Config, spec: TaskSpec) -> MetaLearner:
 class TrainState:
     step: int = 0
     best: float | None = None  # best validation score (higher accuracy / lower mse)
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # wall-clock time of the training steps (not validation)
+    cpu_seconds: float = 0.0  # CPU time of those steps, all threads (robust to a busy machine)
 
 
 class Trainer:
@@ -130,6 +131,7 @@ class Trainer:
             "step": self.state.step,
             "best": self.state.best,
             "train_seconds": self.state.train_seconds,
+            "cpu_seconds": self.state.cpu_seconds,
         }
 
     def resume(self, path: str | Path | None = None) -> None:
@@ -143,7 +145,8 @@ class Trainer:
         self.algo.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.state = TrainState(ckpt["step"], ckpt["best"], ckpt["train_seconds"])
+        self.state = TrainState(ckpt["step"], ckpt["best"], ckpt["train_seconds"],
+                                ckpt["cpu_seconds"])
         self._truncate_log(self.state.step)
 
     def _truncate_log(self, step: int) -> None:
@@ -183,10 +186,12 @@ class Trainer:
         sums: dict[str, float] = {}
         while self.state.step < cfg.steps:
             step = self.state.step
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # any randomness inside the model
             batch = self.train_tasks.sample(cfg.tasks_per_batch, step_generator(cfg.seed, step))
-            loss, metrics = self.algo.meta_loss(batch.to(self.device))
+            with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                enabled=cfg.precision == "bf16"):
+                loss, metrics = self.algo.meta_loss(batch.to(self.device))
             if not math.isfinite(loss.item()):
                 bar.close()
                 raise TrainingDiverged(self._diverged_message(step, loss.item()))
@@ -198,6 +203,7 @@ class Trainer:
             self.scheduler.step()
             self.state.step += 1
             self.state.train_seconds += time.perf_counter() - started
+            self.state.cpu_seconds += time.process_time() - started_cpu
 
             for key, value in {"loss": loss.item(), **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + value
@@ -205,7 +211,8 @@ class Trainer:
                 count = (self.state.step - 1) % cfg.log_every + 1
                 means = {k: v / count for k, v in sums.items()}
                 self._log({"step": self.state.step, "lr": self.scheduler.get_last_lr()[0],
-                           "train_seconds": round(self.state.train_seconds, 3), **means})
+                           "train_seconds": round(self.state.train_seconds, 3),
+                           "cpu_seconds": round(self.state.cpu_seconds, 3), **means})
                 bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
                 sums = {}
             bar.update()
@@ -238,6 +245,9 @@ class Trainer:
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a metalab checkpoint safely (``weights_only=True``) and check its format."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; 'metalab train CONFIG' writes "
+                                "best.pt and last.pt to the config's 'out' folder.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt, truncated or not a torch file

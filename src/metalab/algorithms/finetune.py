@@ -22,7 +22,9 @@ frozen (its support features are computed once). The head ``h`` is
   ``s = cosine_scale``, initialised with the normalised class means of the support features
   (weight imprinting, Qi et al. 2018), so 0 steps is already a nearest-class-mean classifier.
   The pretraining classifier is a cosine classifier too, as in Baseline++. Chen et al. fix
-  ``s = 2`` for up to 200 classes and ``s = 10`` for Omniglot's thousands; the default is 10.
+  ``s = 2`` for up to 200 classes and ``s = 10`` for Omniglot's thousands (the default here),
+  and their code also learns a norm per class (weight normalisation); this head is the pure
+  scaled cosine.
 
 Chen et al. fit the head with SGD (momentum 0.9, learning rate 0.01, weight decay 0.001,
 mini-batches of 4 for 100 epochs); full-batch Adam is deterministic and fast on a support set
@@ -107,9 +109,10 @@ class FineTune(MetaLearner):
                 "use a classification task source that records them (EpisodeSampler does)."
             )
         labels = batch.classes.gather(1, torch.cat([batch.support_y, batch.query_y], dim=1))
-        if int(labels.max()) >= self.num_classes or int(labels.min()) < 0:
+        lowest, highest = int(labels.min()), int(labels.max())
+        if lowest < 0 or highest >= self.num_classes:
             raise ValueError(
-                f"batch has class ids in [{int(labels.min())}, {int(labels.max())}] but the "
+                f"batch has class ids in [{lowest}, {highest}] but the "
                 f"classifier has {self.num_classes} classes; spec.num_classes must be the "
                 f"number of classes of the training split."
             )
@@ -123,9 +126,7 @@ class FineTune(MetaLearner):
         # logits restricted to the classes of their task.
         num_support, num_query = batch.support_y.shape[1], batch.query_y.shape[1]
         query_logits = logits.view(batch.num_tasks, num_support + num_query, -1)[:, num_support:]
-        task_logits = query_logits.gather(
-            2, batch.classes.unsqueeze(1).expand(-1, num_query, -1)
-        )
+        task_logits = query_logits.gather(2, batch.classes.unsqueeze(1).expand(-1, num_query, -1))
         accuracy = (task_logits.argmax(-1) == batch.query_y).float().mean()
         global_accuracy = (logits.argmax(-1) == labels.flatten()).float().mean()
         return loss, {"accuracy": accuracy.item(), "global_accuracy": global_accuracy.item()}

@@ -14,7 +14,7 @@ Temperature ``s``: the paper uses the plain cosine (``s = 1``), whose softmax ov
 [-1, 1] can never be confident (5-way 1-shot: at most 0.65 on the right class). Here ``s`` is a
 learned scalar initialised to ``scale`` (default 10, as ProtoNet's cosine metric) unless
 ``learn_scale=False`` fixes it; ``scale=1.0, learn_scale=False`` is the paper exactly (Chen et
-al. 2019's re-implementation fixes ``s = 100``).
+al. 2019's re-implementation uses ``100 * relu(cos)``).
 
 Without full-context embeddings (``fce=False``) ``f = g`` = the backbone. With ``fce=True``
 (the paper's appendix), the backbone gives ``f' = g'`` and

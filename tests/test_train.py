@@ -1,0 +1,127 @@
+"""The trainer: resume equivalence, checkpoints, the NaN guard and clear config errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from metalab.config import Config, load_config
+from metalab.train import Trainer, TrainingDiverged, load_checkpoint, read_checkpoint
+
+from .conftest import easy_config
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.algo.state_dict().items()}
+
+
+def test_resume_continues_the_same_trajectory(easy_data, tmp_path) -> None:
+    straight = Trainer(easy_config(tmp_path / "a", steps=20), progress=False)
+    straight.fit()
+    first = Trainer(easy_config(tmp_path / "b", steps=10), progress=False)
+    first.fit()  # stops at step 10 with last.pt written
+    resumed = Trainer(easy_config(tmp_path / "b", steps=20), progress=False)
+    resumed.resume()
+    assert resumed.state.step == 10
+    resumed.fit()
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a), "N + resume N differs from 2N steps"
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").open()]
+    assert steps == [json.loads(line)["step"] for line in (tmp_path / "a" / "log.jsonl").open()]
+
+
+def test_resume_drops_log_lines_after_the_checkpoint(easy_data, tmp_path) -> None:
+    Trainer(easy_config(tmp_path, steps=10), progress=False).fit()
+    with open(tmp_path / "log.jsonl", "a") as f:  # a crash after step 10 left later lines
+        f.write(json.dumps({"step": 15, "loss": 0.0}) + "\n")
+    trainer = Trainer(easy_config(tmp_path, steps=20), progress=False)
+    trainer.resume()
+    assert max(json.loads(line)["step"] for line in (tmp_path / "log.jsonl").open()) == 10
+
+
+def test_checkpoints_load_safely_and_reproduce_the_model(easy_data, tmp_path) -> None:
+    trainer = Trainer(easy_config(tmp_path), progress=False)
+    trainer.fit()
+    assert {"last.pt", "best.pt", "log.jsonl", "config.json"} <= {
+        p.name for p in tmp_path.iterdir()}
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)  # no pickled code inside
+    assert ckpt["step"] == 20 and ckpt["algorithm"] == "protonet"
+    algo, config = load_checkpoint(tmp_path / "last.pt")
+    assert not algo.training and config.steps == 20
+    a = trainer.algo.state_dict()
+    assert all(torch.equal(a[k], v) for k, v in algo.state_dict().items())
+
+
+def test_learns_the_easy_task(easy_data, tmp_path) -> None:
+    trainer = Trainer(easy_config(tmp_path, steps=40), progress=False)
+    trainer.fit()
+    assert trainer.state.best > 70.0  # 5-way: chance is 20%
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(easy_data, tmp_path,
+                                                           monkeypatch) -> None:
+    trainer = Trainer(easy_config(tmp_path, steps=30), progress=False)
+    original = trainer.algo.meta_loss
+    calls = {"n": 0}
+
+    def poisoned(batch):
+        calls["n"] += 1
+        loss, metrics = original(batch)
+        return (loss * float("nan") if calls["n"] == 15 else loss), metrics
+
+    monkeypatch.setattr(trainer.algo, "meta_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"step 15.*last\.pt \(step 10\) is kept"):
+        trainer.fit()
+    kept = read_checkpoint(tmp_path / "last.pt")
+    assert kept["step"] == 10
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+def test_checkpoint_of_another_algorithm_is_refused(easy_data, tmp_path) -> None:
+    Trainer(easy_config(tmp_path, steps=10), progress=False).fit()
+    other = Trainer(easy_config(tmp_path, algorithm="matchingnet"), progress=False)
+    with pytest.raises(ValueError, match="holds a protonet algorithm.*asks for matchingnet"):
+        other.resume()
+    wider = Trainer(easy_config(tmp_path, backbone_options={"hidden": 32}), progress=False)
+    with pytest.raises(ValueError, match="backbone_options"):
+        wider.resume()
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path) -> None:
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable metalab checkpoint"):
+        read_checkpoint(path)
+
+
+def test_resume_without_checkpoint_says_what_to_do(easy_data, tmp_path) -> None:
+    trainer = Trainer(easy_config(tmp_path), progress=False)
+    with pytest.raises(FileNotFoundError, match="train without --resume"):
+        trainer.resume()
+
+
+def test_unknown_config_key_lists_valid_keys(tmp_path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("algorithm: protonet\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\).*learning_rate.*valid keys:.*lr"):
+        load_config(str(path))
+
+
+def test_unknown_algorithm_and_option_are_clear_errors(easy_data, tmp_path) -> None:
+    with pytest.raises(ValueError, match="unknown algorithm 'mamll'.*registered algorithms:"):
+        Trainer(easy_config(tmp_path, algorithm="mamll"), progress=False)
+    with pytest.raises(ValueError, match="unknown option.*metrc.*valid options: metric"):
+        Trainer(easy_config(tmp_path, algorithm_options={"metrc": "cosine"}), progress=False)
+
+
+def test_overrides_and_builtin_configs() -> None:
+    config = load_config("omniglot/protonet-5w1s", ["lr=0.01", "algorithm_options.metric=cosine"])
+    assert config.lr == 0.01 and config.algorithm_options == {"metric": "cosine"}
+    assert config.n_way == 60 and config.test_n_way == 5
+    with pytest.raises(ValueError, match="key=value"):
+        load_config("omniglot/protonet-5w1s", ["lr"])
+    with pytest.raises(FileNotFoundError, match="built-in configs:.*omniglot/protonet-5w1s"):
+        load_config("omniglot/protonet-1w1s")
+    assert Config().precision == "fp32"
