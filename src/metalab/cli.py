@@ -56,7 +56,7 @@ def _write_json(path: Path, record: dict) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from metalab.evaluate import evaluate
     from metalab.tasks import fixed_episodes
-    from metalab.train import TEST_SEED, load_checkpoint, resolve_device, task_sources
+    from metalab.train import load_checkpoint, resolve_device, task_sources
 
     overrides = {key: value for key, value in (
         ("test_n_way", args.n_way), ("test_k_shot", args.k_shot),

@@ -34,15 +34,15 @@ from metalab.models import build_backbone
 from metalab.tasks import TaskSource, fixed_episodes, step_generator
 
 __all__ = [
-    "VAL_SEED",
     "TEST_SEED",
-    "TrainingDiverged",
+    "VAL_SEED",
     "Trainer",
+    "TrainingDiverged",
     "build",
     "load_checkpoint",
     "read_checkpoint",
-    "task_spec",
     "resolve_device",
+    "task_spec",
 ]
 
 VAL_SEED = 1234  # the fixed validation episodes
@@ -146,7 +146,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.state = TrainState(ckpt["step"], ckpt["best"], ckpt["train_seconds"],
-                                ckpt["cpu_seconds"])
+                                ckpt.get("cpu_seconds", 0.0))
         self._truncate_log(self.state.step)
 
     def _truncate_log(self, step: int) -> None:

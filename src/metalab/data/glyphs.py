@@ -20,7 +20,7 @@ the first 28 alphabets are meta-train, the next 4 meta-validation, the last 8 me
 
 Everything derives from ``np.random.default_rng`` seeded by ``(seed, alphabet)`` and from
 IEEE-exact arithmetic (no fonts, no rasteriser library), so a seed gives the same bytes on
-every machine. The full set is generated on first use (a few seconds) and cached.
+every machine. The full set is generated on first use (about a second) and cached.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from metalab.tasks import ClassDataset
 
 __all__ = [
     "NUM_ALPHABETS",
+    "SPLITS",
     "TEST_ALPHABETS",
     "TRAIN_ALPHABETS",
     "VAL_ALPHABETS",
@@ -57,13 +58,15 @@ NUM_ALPHABETS = 40
 TRAIN_ALPHABETS = 28  # alphabets 0..27
 VAL_ALPHABETS = 4  # alphabets 28..31
 TEST_ALPHABETS = 8  # alphabets 32..39
-SPLITS = ("train", "val", "test", "all")
+SPLITS = ("train", "val", "test", "trainval", "all")
 
 _CURVE_POINTS = 16  # points per stroke centre line: 15 segments draw smooth loops
 _MARGIN = 0.12  # blank border around a character, as a fraction of the image
 _PEN_WIDTH = 2.0  # mean pen width in pixels at 28x28
-_GRID = 64.0  # pixel coordinates snap to 1/64: last-bit differences between math libraries
-#              or BLAS builds cannot change a pixel
+# Pixel coordinates snap to 1/64 before rasterising, which absorbs last-bit differences
+# between math libraries or BLAS builds (unless a value lands within ~1e-13 of a grid line);
+# the rasteriser itself uses only exactly rounded IEEE operations (arithmetic, sqrt, min).
+_GRID = 64.0
 # Drawing-to-drawing variation (standard deviations, in units of the image side or radians).
 # Tuned so raw-pixel nearest-neighbour 5-way 1-shot accuracy on the test alphabets (~49%) is
 # close to Omniglot's (~43% on its evaluation alphabets): drawers differ as much as there.
@@ -74,7 +77,7 @@ _RENDER_ELEMENTS = 1 << 20  # window pixels computed at once: bounds the tempora
 
 
 def alphabet_split(split: str, num_alphabets: int = NUM_ALPHABETS) -> range:
-    """Indices of the alphabets in ``split`` ("train", "val", "test" or "all").
+    """Indices of the alphabets in ``split`` (one of :data:`SPLITS`).
 
     With the default 40 alphabets the split is 28/4/8; other counts keep those proportions,
     with at least one alphabet in each split.
@@ -88,10 +91,8 @@ def alphabet_split(split: str, num_alphabets: int = NUM_ALPHABETS) -> range:
     num_val = max(1, round(num_alphabets * VAL_ALPHABETS / NUM_ALPHABETS))
     num_test = max(1, round(num_alphabets * TEST_ALPHABETS / NUM_ALPHABETS))
     num_train = num_alphabets - num_val - num_test
-    if num_train < 1:
-        num_val, num_test, num_train = 1, 1, num_alphabets - 2
     bounds = {"train": (0, num_train), "val": (num_train, num_train + num_val),
-              "test": (num_train + num_val, num_alphabets)}
+              "trainval": (0, num_train + num_val), "test": (num_train + num_val, num_alphabets)}
     return range(*bounds[split])
 
 
@@ -156,26 +157,25 @@ def generate(
     """
     if min(image_size, characters_per_alphabet, instances) < 1:
         raise ValueError("image_size, characters_per_alphabet and instances must be >= 1.")
-    per_alphabet = characters_per_alphabet * instances
-    drawings = []
-    for a in range(num_alphabets):
-        rng = np.random.default_rng([seed, a])
-        style = _alphabet(rng)
-        characters = [_character(rng, style) for _ in range(characters_per_alphabet)]
-        owner = np.repeat(np.arange(characters_per_alphabet), [len(c) for c in characters])
-        segments, image, widths = _instances(rng, np.concatenate(characters), owner,
-                                             characters_per_alphabet, instances, image_size)
-        drawings.append((segments, image + a * per_alphabet, widths))
-    # One render call for all alphabets: a few large tensor operations rather than many small.
+    out = torch.empty(num_alphabets, characters_per_alphabet * instances, image_size,
+                      image_size, dtype=torch.uint8)
     # On one thread: with more threads than idle cores (a busy shared machine) the hand-offs
-    # between these mid-sized operations cost more than they save (1 s vs 6-9 s measured).
+    # between the renderer's many mid-sized operations cost more than they save (measured:
+    # 1 s on one thread, 6-9 s on two).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        images = _render(*(np.concatenate(p) for p in zip(*drawings, strict=True)), image_size)
+        for a in range(num_alphabets):
+            rng = np.random.default_rng([seed, a])
+            style = _alphabet(rng)
+            characters = [_character(rng, style) for _ in range(characters_per_alphabet)]
+            owner = np.repeat(np.arange(characters_per_alphabet), [len(c) for c in characters])
+            out[a] = _render(*_instances(rng, np.concatenate(characters), owner,
+                                         characters_per_alphabet, instances, image_size),
+                             image_size)
     finally:
         torch.set_num_threads(threads)
-    return images.view(-1, instances, 1, image_size, image_size)
+    return out.view(-1, instances, 1, image_size, image_size)
 
 
 @dataclass(frozen=True)
