@@ -12,6 +12,7 @@ running while the published model trained.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -33,7 +34,7 @@ def step_times(name: str, steps: int, warmup: int) -> list[float]:
         trainer._validate_and_save = lambda: None  # type: ignore[method-assign]
         trainer.fit()
         seconds = [json.loads(line)["train_seconds"] for line in open(Path(out) / "log.jsonl")]
-    per_step = [b - a for a, b in zip(seconds, seconds[1:], strict=False)]
+    per_step = [b - a for a, b in itertools.pairwise(seconds)]
     return per_step[warmup - 1:]
 
 
