@@ -7,10 +7,15 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from metalab import __version__
+
+if TYPE_CHECKING:
+    from metalab.config import Config
+    from metalab.evaluate import EvalResult
 
 EPILOG_CONFIGS = "built-in configs (use the name or a path to your own YAML): {}"
 
@@ -41,7 +46,7 @@ def _train(args: argparse.Namespace) -> None:
     print(f"test ({config.test_n_way}-way {config.test_k_shot}-shot, best.pt): {result}")
 
 
-def _result_record(config, result) -> dict:
+def _result_record(config: Config, result: EvalResult) -> dict:
     return {"algorithm": config.algorithm, "dataset": config.dataset, "split": config.test_split,
             "n_way": config.test_n_way, "k_shot": config.test_k_shot,
             "q_query": config.test_q_query, **result.to_dict()}
