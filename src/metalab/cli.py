@@ -22,8 +22,7 @@ EPILOG_CONFIGS = "built-in configs (use the name or a path to your own YAML): {}
 
 def _train(args: argparse.Namespace) -> None:
     from metalab.config import load_config
-    from metalab.tasks import fixed_episodes
-    from metalab.train import TEST_SEED, Trainer, load_checkpoint, task_sources
+    from metalab.train import Trainer, score_checkpoint
 
     overrides = list(args.set) + ([f"out={args.out}"] if args.out else [])
     config = load_config(args.config, overrides)
@@ -35,13 +34,7 @@ def _train(args: argparse.Namespace) -> None:
     metric = "accuracy (%)" if trainer.kind == "classification" else "mse"
     print(f"trained {state.step} steps in {state.train_seconds:.0f} s; "
           f"best validation {metric} {state.best:.2f}")
-    algo, config = load_checkpoint(Path(config.out) / "best.pt")
-    from metalab.evaluate import evaluate
-
-    episodes = fixed_episodes(task_sources(config, config.test_split, train=False),
-                              config.test_episodes, TEST_SEED)
-    result = evaluate(algo.to(trainer.device), episodes, trainer.kind, trainer.device,
-                      progress=not args.quiet)
+    _, config, result = score_checkpoint(Path(config.out) / "best.pt", progress=not args.quiet)
     _write_json(Path(config.out) / "test.json", _result_record(config, result))
     print(f"test ({config.test_n_way}-way {config.test_k_shot}-shot, best.pt): {result}")
 
@@ -59,19 +52,14 @@ def _write_json(path: Path, record: dict) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from metalab.evaluate import evaluate
-    from metalab.tasks import fixed_episodes
-    from metalab.train import load_checkpoint, resolve_device, task_sources
+    from metalab.train import score_checkpoint
 
     overrides = {key: value for key, value in (
         ("test_n_way", args.n_way), ("test_k_shot", args.k_shot),
         ("test_q_query", args.q_query), ("test_split", args.split),
         ("data_dir", args.data_dir), ("device", args.device)) if value is not None}
-    algo, config = load_checkpoint(args.checkpoint, overrides)
-    device = resolve_device(config.device)
-    source = task_sources(config, config.test_split, train=False)
-    episodes = fixed_episodes(source, args.episodes, args.seed)
-    result = evaluate(algo.to(device), episodes, source.kind, device, progress=not args.quiet)
+    _, config, result = score_checkpoint(args.checkpoint, overrides, args.episodes, args.seed,
+                                         progress=not args.quiet)
     print(f"{config.algorithm} on {config.dataset}/{config.test_split}, {config.test_n_way}-way "
           f"{config.test_k_shot}-shot: {result}")
     if args.json:
@@ -99,12 +87,11 @@ def _adapt(args: argparse.Namespace) -> None:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    from metalab.data.images import IMAGE_EXTENSIONS
+    from metalab.data.images import image_files
 
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder.")
-    return sorted(p for p in folder.iterdir()
-                  if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    return image_files(folder)
 
 
 def _read_support(folder: Path, channels: int, size: int, fmt: dict):

@@ -53,9 +53,7 @@ def suite_config(suite: str, algorithm: str) -> Config:
 
 
 def _run_one(config: Config, out: Path, fresh: bool, progress: bool) -> Row:
-    from metalab.evaluate import evaluate
-    from metalab.tasks import fixed_episodes
-    from metalab.train import TEST_SEED, Trainer, load_checkpoint, task_sources
+    from metalab.train import Trainer, score_checkpoint
 
     key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
     run_dir = out / f"{config.algorithm}-{key}"
@@ -65,10 +63,7 @@ def _run_one(config: Config, out: Path, fresh: bool, progress: bool) -> Row:
     config.out = str(run_dir)
     trainer = Trainer(config, progress=progress)
     state = trainer.fit()
-    algo, _ = load_checkpoint(run_dir / "best.pt")
-    episodes = fixed_episodes(task_sources(config, config.test_split, train=False),
-                              config.test_episodes, TEST_SEED)
-    result = evaluate(algo, episodes, trainer.kind, progress=progress)
+    algo, _, result = score_checkpoint(run_dir / "best.pt", progress=progress)
     row = Row(algorithm=config.algorithm, family=type(algo).family, metric=result.metric,
               mean=result.mean, ci95=result.ci95, train_seconds=state.train_seconds,
               train_steps=state.step, adapt_ms=result.adapt_ms, query_ms=result.query_ms,

@@ -42,6 +42,7 @@ __all__ = [
     "load_checkpoint",
     "read_checkpoint",
     "resolve_device",
+    "score_checkpoint",
     "task_spec",
 ]
 
@@ -289,3 +290,19 @@ def load_checkpoint(
         raise ValueError(f"{path} does not fit {config.algorithm} with backbone "
                          f"{config.backbone}: {error}") from error
     return algo.eval(), config
+
+
+def score_checkpoint(
+    path: str | Path, overrides: dict[str, Any] | None = None, episodes: int | None = None,
+    seed: int = TEST_SEED, progress: bool = False,
+) -> tuple[MetaLearner, Config, EvalResult]:
+    """The checkpoint's algorithm scored on fixed test episodes of its config's test split.
+
+    ``overrides`` change test settings (e.g. ``test_n_way``); ``episodes`` defaults to the
+    config's ``test_episodes``. Runs on the config's device.
+    """
+    algo, config = load_checkpoint(path, overrides)
+    device = resolve_device(config.device)
+    source = task_sources(config, config.test_split, train=False)
+    tasks = fixed_episodes(source, episodes or config.test_episodes, seed)
+    return algo, config, evaluate(algo.to(device), tasks, source.kind, device, progress)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from metalab.data.images import IMAGE_EXTENSIONS, read_image
+from metalab.data.images import IMAGE_EXTENSIONS, image_files, read_image
 from metalab.data.paths import DataNotFoundError
 from metalab.io import atomic_save, cache_dir
 from metalab.tasks import ClassDataset
@@ -137,8 +137,7 @@ def _root(root: str | os.PathLike | None, data_dir: str | os.PathLike | None) ->
 
 def _images(root: Path, name: str, max_per_class: int | None) -> list[Path]:
     """The image files of class ``name`` in name order, hidden files skipped."""
-    files = sorted(p for p in (root / name).iterdir() if not p.name.startswith(".")
-                   and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = image_files(root / name)
     if not files:
         raise DataNotFoundError(
             f"class folder {root / name} has no images ({', '.join(IMAGE_EXTENSIONS)}); add "

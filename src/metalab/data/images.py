@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "read_image"]
+__all__ = ["IMAGE_EXTENSIONS", "image_files", "read_image"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -33,3 +34,9 @@ def read_image(
         array = 255 - array
     tensor = torch.from_numpy(array.copy())
     return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, in name order, hidden files skipped."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".")
+                  and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
