@@ -19,7 +19,10 @@ SIZE = 16
 CLASSIFIERS = sorted(n for n, c in ALGORITHMS.items() if "classification" in c.kinds)
 # Backbone and algorithm options that keep each algorithm small and quick on the easy task.
 BACKBONE_OPTIONS = {"relationnet": {"hidden": 16, "pool_blocks": 2, "flatten": False}}
-ALGORITHM_OPTIONS = {"finetune": {"finetune_steps": 30}}
+ALGORITHM_OPTIONS = {
+    "finetune": {"finetune_steps": 30},
+    **{name: {"test_inner_steps": 3} for name in ("maml", "fomaml", "anil", "metasgd")},
+}
 
 
 def make(name: str, seed: int = 0, num_classes: int = 20) -> MetaLearner:
@@ -46,8 +49,9 @@ def batch_of(sampler: EpisodeSampler, tasks: int = 3, seed: int = 0):
 
 def test_registry_lists_the_families() -> None:
     families = {cls.family for cls in ALGORITHMS.values()}
-    assert {"metric", "baseline"} <= families
+    assert {"metric", "optimization", "baseline"} <= families
     assert {"protonet", "matchingnet", "relationnet", "finetune"} <= set(ALGORITHMS)
+    assert {"maml", "fomaml", "anil", "metasgd", "reptile"} <= set(ALGORITHMS)
 
 
 @pytest.mark.parametrize("name", CLASSIFIERS)

@@ -37,10 +37,12 @@ class Config:
     k_shot: int = 1
     q_query: int = 15
     tasks_per_batch: int = 1
+    task_chunk: int = 0  # >0: back-propagate this many tasks at a time (bounds memory)
     test_n_way: int = 5
     test_k_shot: int = 1
     test_q_query: int = 15
     steps: int = 1000
+    optimizer: str = "adam"  # "adam" or "sgd" (Reptile's plain interpolation)
     lr: float = 1e-3
     lr_decay: float = 0.5
     lr_decay_every: int = 0  # 0: constant learning rate
@@ -67,6 +69,11 @@ class Config:
         config = cls(**values)
         if config.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {config.precision!r}.")
+        if config.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config.optimizer!r}.")
+        if config.task_chunk < 0:
+            raise ValueError(f"task_chunk must be 0 (all tasks at once) or positive, "
+                             f"got {config.task_chunk}.")
         return config
 
     def to_dict(self) -> dict[str, Any]:

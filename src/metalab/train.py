@@ -4,7 +4,7 @@ The loop reads top to bottom::
 
     for step in range(start, steps):
         batch = train_tasks.sample(tasks_per_batch, step_generator(seed, step))
-        loss, metrics = algo.meta_loss(batch); loss.backward(); optimizer.step()
+        loss, metrics = algo.meta_loss(batch); loss.backward(); optimizer.step()  (see backward)
         every val_every steps: score fixed validation episodes, write last.pt (and best.pt)
 
 Every step's tasks come from a generator seeded by ``(seed, step)``, so ``--resume`` from
@@ -26,12 +26,12 @@ import torch
 from tqdm.auto import tqdm
 
 from metalab import data
-from metalab.algorithms import MetaLearner, TaskSpec, build_algorithm
+from metalab.algorithms import ALGORITHMS, MetaLearner, TaskSpec, build_algorithm
 from metalab.config import Config
 from metalab.evaluate import EvalResult, evaluate
 from metalab.io import atomic_save, atomic_write_text
 from metalab.models import build_backbone
-from metalab.tasks import TaskSource, fixed_episodes, step_generator
+from metalab.tasks import TaskBatch, TaskSource, fixed_episodes, step_generator
 
 __all__ = [
     "TEST_SEED",
@@ -109,7 +109,8 @@ class Trainer:
         self.kind = self.train_tasks.kind
         self.spec = task_spec(config, self.train_tasks)
         self.algo = build(config, self.spec).to(self.device)
-        self.optimizer = torch.optim.Adam(
+        optimizers = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+        self.optimizer = optimizers[config.optimizer](
             self.algo.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.StepLR(
             self.optimizer, step_size=config.lr_decay_every or 10**12, gamma=config.lr_decay)
@@ -190,14 +191,10 @@ class Trainer:
             started, started_cpu = time.perf_counter(), time.process_time()
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # any randomness inside the model
             batch = self.train_tasks.sample(cfg.tasks_per_batch, step_generator(cfg.seed, step))
-            with torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                enabled=cfg.precision == "bf16"):
-                loss, metrics = self.algo.meta_loss(batch.to(self.device))
-            if not math.isfinite(loss.item()):
+            loss, metrics = self.backward(batch.to(self.device))
+            if not math.isfinite(loss):
                 bar.close()
-                raise TrainingDiverged(self._diverged_message(step, loss.item()))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+                raise TrainingDiverged(self._diverged_message(step, loss))
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.algo.parameters(), cfg.grad_clip)
             self.optimizer.step()
@@ -206,7 +203,7 @@ class Trainer:
             self.state.train_seconds += time.perf_counter() - started
             self.state.cpu_seconds += time.process_time() - started_cpu
 
-            for key, value in {"loss": loss.item(), **metrics}.items():
+            for key, value in {"loss": loss, **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + value
             if self.state.step % cfg.log_every == 0 or self.state.step == cfg.steps:
                 count = (self.state.step - 1) % cfg.log_every + 1
@@ -221,6 +218,32 @@ class Trainer:
                 self._validate_and_save()
         bar.close()
         return self.state
+
+    def backward(self, batch: TaskBatch) -> tuple[float, dict[str, float]]:
+        """Meta-loss of ``batch`` and its gradient in ``.grad`` (replacing what was there).
+
+        With ``task_chunk`` the tasks are back-propagated a chunk at a time and the gradients
+        accumulate, weighted by chunk size: the same gradient as one pass when nothing couples
+        the tasks of a step, with the memory of one chunk.
+        """
+        cfg = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        chunk = cfg.task_chunk or len(batch)
+        total, sums = 0.0, {}
+        for start in range(0, len(batch), chunk):
+            part = batch[start:start + chunk]
+            weight = len(part) / len(batch)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                enabled=cfg.precision == "bf16"):
+                loss, metrics = self.algo.meta_loss(part)
+            value = loss.item()
+            if not math.isfinite(value):
+                return value, metrics
+            (loss * weight).backward()
+            total += value * weight
+            for key, metric in metrics.items():
+                sums[key] = sums.get(key, 0.0) + metric * weight
+        return total, sums
 
     def _validate_and_save(self) -> None:
         result = self.validate()
@@ -265,8 +288,11 @@ def check_compatible(ckpt: dict[str, Any], config: Config, path: str | Path) -> 
             raise ValueError(
                 f"{path} holds a {ckpt[key]} {key}, but the config asks for "
                 f"{getattr(config, key)}; use that checkpoint's config, or a new 'out' folder.")
+    test_options = getattr(ALGORITHMS.get(config.algorithm), "test_options", ())
     for key in ("algorithm_options", "backbone_options"):
-        if ckpt["config"][key] != getattr(config, key):
+        trained = {k: v for k, v in ckpt["config"][key].items() if k not in test_options}
+        wanted = {k: v for k, v in getattr(config, key).items() if k not in test_options}
+        if trained != wanted:
             raise ValueError(
                 f"{path} was trained with {key}={ckpt['config'][key]}, but the config has "
                 f"{getattr(config, key)}; they must match to load its weights.")

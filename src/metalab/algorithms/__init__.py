@@ -1,6 +1,16 @@
 """Meta-learning algorithms, one file each, registered by name in :data:`ALGORITHMS`."""
 
-from metalab.algorithms import finetune, matchingnet, protonet, relationnet  # noqa: F401  (register)
+from metalab.algorithms import (  # noqa: F401  (importing a module registers its algorithm)
+    anil,
+    finetune,
+    fomaml,
+    maml,
+    matchingnet,
+    metasgd,
+    protonet,
+    relationnet,
+    reptile,
+)
 from metalab.algorithms.base import (
     ALGORITHMS,
     MetaLearner,

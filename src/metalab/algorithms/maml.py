@@ -1,0 +1,200 @@
+"""Model-Agnostic Meta-Learning (Finn, Abbeel & Levine, ICML 2017).
+
+MAML learns an initialisation θ from which a few gradient steps on a task's support set
+give parameters φ that do well on its query set:
+
+    φ_0 = θ,   φ_{s+1} = φ_s − α_s ∇_φ L_support(φ_s)          (inner loop)
+    θ ← θ − β ∇_θ  1/T Σ_tasks L_query(φ_S)                     (outer step, by the trainer)
+
+The outer gradient flows through the inner updates (second order). ``first_order=True``
+drops the inner loop's second derivatives (FOMAML, same paper, Sec. 5.2).
+
+The inner loop is functional (``torch.func.functional_call`` on a dict of tensors), so the
+module is never cloned or mutated, and it works on any ``nn.Module``. Tasks are adapted one
+after the other: on this CPU a per-task loop beat ``vmap`` and one large grouped call
+(``benchmarks/maml_step.py`` measures the layouts); the trainer's ``task_chunk`` bounds
+memory by back-propagating a few tasks at a time (the result is unchanged).
+
+Step sizes α (``learn_inner_lr``): ``"none"`` (a fixed α), ``"layer"`` (one learned α per
+parameter tensor), ``"layer_step"`` (per tensor and per step, as in MAML++, Antoniou et al.
+2019) or ``"element"`` (one per weight: Meta-SGD, Li et al. 2017).
+
+BatchNorm (``batch_norm``): ``"transductive"`` (the MAML convention) normalises every batch
+with its own statistics, in training and at test time, so the query set of a task is
+normalised with its own statistics; ``"running"`` keeps running statistics during
+meta-training and uses them when adapting and predicting (non-transductive: every query is
+classified on its own).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metalab.algorithms.base import MetaLearner, TaskSpec, register
+from metalab.models import feature_shape
+from metalab.tasks import Task, TaskBatch
+
+Params = dict[str, Tensor]
+
+LEARNED_LR_MODES = ("none", "layer", "layer_step", "element")
+BATCH_NORM_MODES = ("transductive", "running")
+
+
+def task_loss(output: Tensor, target: Tensor, kind: str) -> Tensor:
+    """Cross-entropy for classification, mean squared error for regression."""
+    if kind == "classification":
+        return F.cross_entropy(output, target)
+    return F.mse_loss(output, target)
+
+
+def use_batch_statistics(module: nn.Module) -> None:
+    """Make every BatchNorm in ``module`` normalise with the statistics of its current batch,
+    in training and in eval mode (no running statistics)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.track_running_stats = False
+            layer.running_mean = layer.running_var = layer.num_batches_tracked = None
+
+
+@register
+class MAML(MetaLearner):
+    """MAML on ``backbone`` followed by a linear head (``n_way`` logits or the target).
+
+    ``inner_steps`` gradient steps of size ``inner_lr`` adapt to a task during meta-training,
+    ``test_inner_steps`` (default: the same) when adapting to a new task.
+    """
+
+    name = "maml"
+    family = "optimization"
+    kinds = ("classification", "regression")
+    test_options = ("test_inner_steps",)  # may change after training: the weights still fit
+
+    def __init__(
+        self, backbone: nn.Module, spec: TaskSpec, inner_steps: int = 1,
+        test_inner_steps: int | None = None, inner_lr: float = 0.4, first_order: bool = False,
+        learn_inner_lr: str = "none", batch_norm: str = "transductive",
+    ) -> None:
+        super().__init__()
+        if learn_inner_lr not in LEARNED_LR_MODES:
+            raise ValueError(f"learn_inner_lr must be one of {', '.join(LEARNED_LR_MODES)}; "
+                             f"got {learn_inner_lr!r}.")
+        if batch_norm not in BATCH_NORM_MODES:
+            raise ValueError(f"batch_norm must be one of {', '.join(BATCH_NORM_MODES)}; "
+                             f"got {batch_norm!r}.")
+        if inner_steps < 1 or (test_inner_steps is not None and test_inner_steps < 1):
+            raise ValueError("inner_steps and test_inner_steps must be at least 1.")
+        self.kind = spec.kind
+        self.inner_steps = inner_steps
+        self.test_inner_steps = test_inner_steps or inner_steps
+        self.first_order = first_order
+        self.learn_inner_lr = learn_inner_lr
+        if batch_norm == "transductive":
+            use_batch_statistics(backbone)
+        outputs = spec.n_way if spec.kind == "classification" else spec.output_dim
+        self.backbone = backbone
+        self.head = nn.Linear(math.prod(feature_shape(backbone, spec.input_shape)), outputs)
+        self.inner_lr = inner_lr
+        if learn_inner_lr != "none":
+            self.inner_lrs = nn.ParameterDict({
+                key.replace(".", "-"): nn.Parameter(self._initial_lr(p, inner_lr))
+                for key, p in self.fast_params().items()})
+
+    def _initial_lr(self, param: Tensor, value: float) -> Tensor:
+        shape = {"layer": (), "layer_step": (self.inner_steps,),
+                 "element": param.shape}[self.learn_inner_lr]
+        return torch.full(shape, value)
+
+    # -- what the inner loop adapts, and how a prediction is made from it --------------------
+
+    def fast_params(self) -> Params:
+        """The parameters the inner loop adapts (MAML: all of backbone and head)."""
+        return {name: p for name, p in self.named_parameters()
+                if name.startswith(("backbone.", "head."))}
+
+    def features(self, x: Tensor) -> Tensor:
+        """What the inner loop sees of ``x``: MAML adapts the backbone, so ``x`` itself."""
+        return x
+
+    def predict(self, params: Params, inputs: Tensor) -> Tensor:
+        """Outputs of the network with ``params`` in place of its own parameters."""
+        return functional_call(self, params, (inputs,))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x).flatten(1))
+
+    def step_size(self, name: str, step: int) -> Tensor | float:
+        """α for parameter ``name`` at inner step ``step``."""
+        if self.learn_inner_lr == "none":
+            return self.inner_lr
+        lr = self.inner_lrs[name.replace(".", "-")]
+        return lr[min(step, self.inner_steps - 1)] if self.learn_inner_lr == "layer_step" else lr
+
+    def inner_loop(
+        self, params: Params, support_x: Tensor, support_y: Tensor, steps: int,
+        create_graph: bool,
+    ) -> Params:
+        """``steps`` gradient steps on the support loss from ``params`` (which must require
+        grad). With ``create_graph`` the result stays differentiable in ``params``."""
+        for step in range(steps):
+            loss = task_loss(self.predict(params, support_x), support_y, self.kind)
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+            params = {name: p - self.step_size(name, step) * g
+                      for (name, p), g in zip(params.items(), grads, strict=True)}
+        return params
+
+    # -- the two-method interface ------------------------------------------------------------
+
+    def task_query_loss(self, task: Task) -> tuple[Tensor, Tensor]:
+        """Adapt to ``task``'s support set; the query loss and the query outputs."""
+        support, query = self.features(task.support_x), self.features(task.query_x)
+        if self.first_order:
+            support = support.detach()  # no path from the support set to θ except the step
+        params = self.inner_loop(self.fast_params(), support, task.support_y,
+                                 self.inner_steps, create_graph=not self.first_order)
+        output = self.predict(params, query)
+        return task_loss(output, task.query_y, self.kind), output
+
+    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+        losses, scores = [], []
+        for i in range(len(batch)):
+            task = batch.task(i)
+            loss, output = self.task_query_loss(task)
+            losses.append(loss)
+            scores.append(score(output.detach(), task.query_y, self.kind))
+        metric = "accuracy" if self.kind == "classification" else "mse"
+        return torch.stack(losses).mean(), {metric: sum(scores) / len(scores)}
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> AdaptedPredictor:
+        with torch.no_grad():
+            support = self.features(support_x)
+        with torch.enable_grad():  # evaluation runs under no_grad; the inner loop needs grads
+            start = {name: p.detach().requires_grad_() for name, p in self.fast_params().items()}
+            params = self.inner_loop(start, support, support_y, self.test_inner_steps,
+                                     create_graph=False)
+        return AdaptedPredictor(self, {name: p.detach() for name, p in params.items()})
+
+    def adaptation_steps(self) -> int:
+        return self.test_inner_steps
+
+
+def score(output: Tensor, target: Tensor, kind: str) -> float:
+    """Accuracy in % (classification) or mean squared error (regression)."""
+    if kind == "classification":
+        return (output.argmax(-1) == target).float().mean().item() * 100
+    return (output - target).pow(2).mean().item()
+
+
+class AdaptedPredictor:
+    """The network with the parameters adapted to one task; reusable on many query batches."""
+
+    def __init__(self, learner: MAML, params: Params) -> None:
+        self.learner, self.params = learner, params
+
+    def __call__(self, query_x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.learner.predict(self.params, self.learner.features(query_x))

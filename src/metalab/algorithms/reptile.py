@@ -1,0 +1,55 @@
+"""Reptile (Nichol, Achiam & Schulman, 2018, arXiv:1803.02999).
+
+Reptile adapts to each task with plain SGD (no second derivatives, no support/query split)
+and moves the initialisation towards the adapted weights:
+
+    φ_t = SGD^k(θ, task t),      θ ← θ + ε · 1/T Σ_t (φ_t − θ)        (batched Reptile).
+
+Through metalab's trainer the update is the gradient of the surrogate
+``1/T Σ_t ½‖θ − stopgrad(φ_t)‖²``, which is exactly ``1/T Σ_t (θ − φ_t)``: with
+``optimizer: sgd`` and learning rate ε the trainer's step is the paper's update; Adam on the
+same direction is a common variant. The inner loop trains on the task's support and query
+examples together (the paper samples one training set per task); at test time ``adapt``
+takes ``test_inner_steps`` steps on the support set. Inner loop and BatchNorm as
+:class:`metalab.algorithms.maml.MAML`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from metalab.algorithms.base import TaskSpec, register
+from metalab.algorithms.maml import MAML, task_loss
+from metalab.tasks import TaskBatch
+
+
+@register
+class Reptile(MAML):
+    """First-order meta-learning by moving θ towards each task's SGD solution."""
+
+    name = "reptile"
+
+    def __init__(
+        self, backbone: nn.Module, spec: TaskSpec, inner_steps: int = 5,
+        test_inner_steps: int | None = None, inner_lr: float = 0.1,
+        batch_norm: str = "transductive",
+    ) -> None:
+        super().__init__(backbone, spec, inner_steps, test_inner_steps, inner_lr,
+                         first_order=True, batch_norm=batch_norm)
+
+    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+        theta = self.fast_params()
+        surrogate, adapted_losses = [], []
+        for i in range(len(batch)):
+            task = batch.task(i)
+            x = torch.cat([task.support_x, task.query_x])
+            y = torch.cat([task.support_y, task.query_y])
+            start = {name: p.detach().requires_grad_() for name, p in theta.items()}
+            phi = self.inner_loop(start, x, y, self.inner_steps, create_graph=False)
+            surrogate.append(sum(0.5 * (theta[name] - phi[name].detach()).pow(2).sum()
+                                 for name in theta))
+            with torch.no_grad():
+                adapted_losses.append(task_loss(self.predict(phi, x), y, self.kind).item())
+        return (torch.stack(surrogate).mean(),
+                {"adapted_loss": sum(adapted_losses) / len(adapted_losses)})
