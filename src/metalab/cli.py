@@ -58,6 +58,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         ("test_n_way", args.n_way), ("test_k_shot", args.k_shot),
         ("test_q_query", args.q_query), ("test_split", args.split),
         ("data_dir", args.data_dir), ("device", args.device)) if value is not None}
+    if args.inner_steps is not None:
+        overrides["algorithm_options"] = {"test_inner_steps": args.inner_steps}
     _, config, result = score_checkpoint(args.checkpoint, overrides, args.episodes, args.seed,
                                          progress=not args.quiet)
     print(f"{config.algorithm} on {config.dataset}/{config.test_split}, {config.test_n_way}-way "
@@ -168,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", help="split to test on (default: config's test_split)")
     ev.add_argument("--data-dir", help="folder holding the data sets (or set METALAB_DATA)")
     ev.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: config's)")
+    ev.add_argument("--inner-steps", type=int,
+                    help="gradient steps when adapting (optimization family; default: the "
+                    "config's test_inner_steps)")
     ev.add_argument("--json", help="also write the result to this JSON file")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_evaluate)

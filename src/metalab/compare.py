@@ -91,8 +91,16 @@ def run_compare(
     suite: str = "quick", algorithms: list[str] | None = None, steps: int | None = None,
     out: Path = Path("runs/compare"), fresh: bool = False, progress: bool = True,
 ) -> list[Row]:
-    """Train and score each algorithm of ``suite``; print and write the table."""
-    algorithms = algorithms or sorted(ALGORITHMS)
+    """Train and score each algorithm of ``suite``; print and write the table.
+
+    ``algorithms`` defaults to every registered algorithm that handles the suite's tasks.
+    """
+    if not algorithms:
+        from metalab.data import REGRESSION_SOURCES
+
+        dataset = suite_config(suite, "protonet").dataset
+        kind = "regression" if dataset in REGRESSION_SOURCES else "classification"
+        algorithms = sorted(n for n, c in ALGORITHMS.items() if kind in c.kinds)
     unknown = [a for a in algorithms if a not in ALGORITHMS]
     if unknown:
         raise ValueError(f"unknown algorithm(s) {', '.join(unknown)}; registered: "

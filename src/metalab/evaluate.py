@@ -43,7 +43,12 @@ class EvalResult:
 
 
 def mean_ci95(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the normal 95% confidence interval (1.96 · s / sqrt(n))."""
+    """Mean and half-width of the normal 95% confidence interval (1.96 · s / sqrt(n)).
+
+    Both are NaN if any value is not finite (a diverged model), rather than an error.
+    """
+    if not all(math.isfinite(v) for v in values):
+        return float("nan"), float("nan")
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, float("nan")

@@ -40,6 +40,7 @@ __all__ = [
     "TrainingDiverged",
     "build",
     "load_checkpoint",
+    "meta_backward",
     "read_checkpoint",
     "resolve_device",
     "score_checkpoint",
@@ -191,7 +192,9 @@ class Trainer:
             started, started_cpu = time.perf_counter(), time.process_time()
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # any randomness inside the model
             batch = self.train_tasks.sample(cfg.tasks_per_batch, step_generator(cfg.seed, step))
-            loss, metrics = self.backward(batch.to(self.device))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, metrics = meta_backward(self.algo, batch.to(self.device), cfg.task_chunk,
+                                          cfg.precision)
             if not math.isfinite(loss):
                 bar.close()
                 raise TrainingDiverged(self._diverged_message(step, loss))
@@ -219,32 +222,6 @@ class Trainer:
         bar.close()
         return self.state
 
-    def backward(self, batch: TaskBatch) -> tuple[float, dict[str, float]]:
-        """Meta-loss of ``batch`` and its gradient in ``.grad`` (replacing what was there).
-
-        With ``task_chunk`` the tasks are back-propagated a chunk at a time and the gradients
-        accumulate, weighted by chunk size: the same gradient as one pass when nothing couples
-        the tasks of a step, with the memory of one chunk.
-        """
-        cfg = self.config
-        self.optimizer.zero_grad(set_to_none=True)
-        chunk = cfg.task_chunk or len(batch)
-        total, sums = 0.0, {}
-        for start in range(0, len(batch), chunk):
-            part = batch[start:start + chunk]
-            weight = len(part) / len(batch)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                enabled=cfg.precision == "bf16"):
-                loss, metrics = self.algo.meta_loss(part)
-            value = loss.item()
-            if not math.isfinite(value):
-                return value, metrics
-            (loss * weight).backward()
-            total += value * weight
-            for key, metric in metrics.items():
-                sums[key] = sums.get(key, 0.0) + metric * weight
-        return total, sums
-
     def _validate_and_save(self) -> None:
         result = self.validate()
         better = (self.state.best is None or
@@ -265,6 +242,34 @@ class Trainer:
         return (f"training stopped: the loss became {value} at step {step + 1}; {kept}. "
                 "Lower lr or set grad_clip (e.g. --set grad_clip=1.0), then rerun; "
                 "with a checkpoint, add --resume to continue from it.")
+
+
+def meta_backward(
+    algo: MetaLearner, batch: TaskBatch, task_chunk: int = 0, precision: str = "fp32",
+) -> tuple[float, dict[str, float]]:
+    """Meta-loss of ``batch``, with its gradient added to the parameters' ``.grad``.
+
+    With ``task_chunk`` > 0 the tasks are back-propagated ``task_chunk`` at a time and the
+    gradients accumulate, weighted by chunk size: the same gradient as one pass when nothing
+    couples the tasks of a step, with the memory of one chunk. Stops at the first chunk whose
+    loss is not finite and returns that loss.
+    """
+    chunk = task_chunk or len(batch)
+    total, sums = 0.0, {}
+    for start in range(0, len(batch), chunk):
+        part = batch[start:start + chunk]
+        weight = len(part) / len(batch)
+        device_type = part.support_x.device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss, metrics = algo.meta_loss(part)
+        value = loss.item()
+        if not math.isfinite(value):
+            return value, metrics
+        (loss * weight).backward()
+        total += value * weight
+        for key, metric in metrics.items():
+            sums[key] = sums.get(key, 0.0) + metric * weight
+    return total, sums
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -288,10 +293,10 @@ def check_compatible(ckpt: dict[str, Any], config: Config, path: str | Path) -> 
             raise ValueError(
                 f"{path} holds a {ckpt[key]} {key}, but the config asks for "
                 f"{getattr(config, key)}; use that checkpoint's config, or a new 'out' folder.")
-    test_options = getattr(ALGORITHMS.get(config.algorithm), "test_options", ())
+    runtime = getattr(ALGORITHMS.get(config.algorithm), "runtime_options", ())
     for key in ("algorithm_options", "backbone_options"):
-        trained = {k: v for k, v in ckpt["config"][key].items() if k not in test_options}
-        wanted = {k: v for k, v in getattr(config, key).items() if k not in test_options}
+        trained = {k: v for k, v in ckpt["config"][key].items() if k not in runtime}
+        wanted = {k: v for k, v in getattr(config, key).items() if k not in runtime}
         if trained != wanted:
             raise ValueError(
                 f"{path} was trained with {key}={ckpt['config'][key]}, but the config has "
@@ -303,10 +308,21 @@ def load_checkpoint(
 ) -> tuple[MetaLearner, Config]:
     """The trained algorithm in ``path`` (in eval mode) and the config that trained it.
 
-    ``overrides`` change config fields that do not affect the weights (e.g. ``test_n_way``).
+    ``overrides`` change config fields that do not affect the weights (e.g. ``test_n_way``);
+    ``algorithm_options`` in it are merged into the trained ones and may only name the
+    algorithm's ``runtime_options`` (e.g. MAML's ``test_inner_steps``).
     """
     ckpt = read_checkpoint(path)
-    config = Config.from_dict({**ckpt["config"], **(overrides or {})}, source=str(path))
+    overrides = dict(overrides or {})
+    options = overrides.pop("algorithm_options", {})
+    runtime = getattr(ALGORITHMS.get(ckpt["algorithm"]), "runtime_options", ())
+    fixed = sorted(set(options) - set(runtime))
+    if fixed:
+        raise ValueError(f"{', '.join(fixed)} cannot change after training {ckpt['algorithm']}; "
+                         f"options that can: {', '.join(runtime) or '(none)'}.")
+    values = {**ckpt["config"], **overrides}
+    values["algorithm_options"] = {**ckpt["config"]["algorithm_options"], **options}
+    config = Config.from_dict(values, source=str(path))
     check_compatible(ckpt, config, path)
     spec = TaskSpec(**{**ckpt["spec"], "input_shape": tuple(ckpt["spec"]["input_shape"])})
     algo = build(config, spec)

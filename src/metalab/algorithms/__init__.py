@@ -2,14 +2,19 @@
 
 from metalab.algorithms import (  # noqa: F401  (importing a module registers its algorithm)
     anil,
+    cnp,
     finetune,
     fomaml,
     maml,
+    mann,
     matchingnet,
     metasgd,
+    pretrained,
     protonet,
+    recurrent,
     relationnet,
     reptile,
+    snail,
 )
 from metalab.algorithms.base import (
     ALGORITHMS,

@@ -58,6 +58,9 @@ class MetaLearner(nn.Module, ABC):
     family: str = ""  # "metric", "optimization", "model" or "baseline"
     kinds: tuple[str, ...] = ("classification",)  # task kinds the algorithm supports
     spec: TaskSpec  # set by build_algorithm: the tasks it was built for
+    # Options that do not change the weights (e.g. test-time steps): a checkpoint may be
+    # evaluated with other values than it was trained with.
+    runtime_options: tuple[str, ...] = ()
 
     @abstractmethod
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:

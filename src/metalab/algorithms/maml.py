@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metalab.algorithms.base import MetaLearner, TaskSpec, register
+from metalab.algorithms.parallel import parallel_meta_loss
 from metalab.models import feature_shape
 from metalab.tasks import Task, TaskBatch
 
@@ -66,18 +67,21 @@ class MAML(MetaLearner):
     """MAML on ``backbone`` followed by a linear head (``n_way`` logits or the target).
 
     ``inner_steps`` gradient steps of size ``inner_lr`` adapt to a task during meta-training,
-    ``test_inner_steps`` (default: the same) when adapting to a new task.
+    ``test_inner_steps`` (default: the same) when adapting to a new task. On the CPU the
+    tasks of a meta-batch run in ``task_workers`` threads (default: ``torch.get_num_threads()``;
+    1 runs them one after the other), see :mod:`metalab.algorithms.parallel`.
     """
 
     name = "maml"
     family = "optimization"
     kinds = ("classification", "regression")
-    test_options = ("test_inner_steps",)  # may change after training: the weights still fit
+    runtime_options = ("test_inner_steps", "task_workers")  # may change after training
 
     def __init__(
         self, backbone: nn.Module, spec: TaskSpec, inner_steps: int = 1,
         test_inner_steps: int | None = None, inner_lr: float = 0.4, first_order: bool = False,
         learn_inner_lr: str = "none", batch_norm: str = "transductive",
+        task_workers: int | None = None,
     ) -> None:
         super().__init__()
         if learn_inner_lr not in LEARNED_LR_MODES:
@@ -93,6 +97,7 @@ class MAML(MetaLearner):
         self.test_inner_steps = test_inner_steps or inner_steps
         self.first_order = first_order
         self.learn_inner_lr = learn_inner_lr
+        self.task_workers = task_workers
         if batch_norm == "transductive":
             use_batch_statistics(backbone)
         outputs = spec.n_way if spec.kind == "classification" else spec.output_dim
@@ -100,9 +105,9 @@ class MAML(MetaLearner):
         self.head = nn.Linear(math.prod(feature_shape(backbone, spec.input_shape)), outputs)
         self.inner_lr = inner_lr
         if learn_inner_lr != "none":
-            self.inner_lrs = nn.ParameterDict({
-                key.replace(".", "-"): nn.Parameter(self._initial_lr(p, inner_lr))
-                for key, p in self.fast_params().items()})
+            self.inner_lrs = nn.ParameterDict()  # filled in order (a dict would be sorted)
+            for key, p in self.fast_params().items():
+                self.inner_lrs[key.replace(".", "-")] = self._initial_lr(p, inner_lr)
 
     def _initial_lr(self, param: Tensor, value: float) -> Tensor:
         shape = {"layer": (), "layer_step": (self.inner_steps,),
@@ -149,25 +154,31 @@ class MAML(MetaLearner):
 
     # -- the two-method interface ------------------------------------------------------------
 
-    def task_query_loss(self, task: Task) -> tuple[Tensor, Tensor]:
-        """Adapt to ``task``'s support set; the query loss and the query outputs."""
+    def task_objective(self, task: Task) -> tuple[Tensor, dict[str, float]]:
+        """Adapt to ``task``'s support set: the differentiable query loss, and its metric."""
         support, query = self.features(task.support_x), self.features(task.query_x)
         if self.first_order:
             support = support.detach()  # no path from the support set to θ except the step
         params = self.inner_loop(self.fast_params(), support, task.support_y,
                                  self.inner_steps, create_graph=not self.first_order)
         output = self.predict(params, query)
-        return task_loss(output, task.query_y, self.kind), output
+        metric = "accuracy" if self.kind == "classification" else "mse"
+        return (task_loss(output, task.query_y, self.kind),
+                {metric: score(output.detach(), task.query_y, self.kind)})
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
-        losses, scores = [], []
-        for i in range(len(batch)):
-            task = batch.task(i)
-            loss, output = self.task_query_loss(task)
-            losses.append(loss)
-            scores.append(score(output.detach(), task.query_y, self.kind))
-        metric = "accuracy" if self.kind == "classification" else "mse"
-        return torch.stack(losses).mean(), {metric: sum(scores) / len(scores)}
+        workers = min(self.task_workers or torch.get_num_threads(), len(batch))
+        if workers > 1 and batch.support_x.device.type == "cpu" and self.stateless():
+            return parallel_meta_loss(self, batch, type(self).task_objective, workers)
+        objectives, metrics = zip(*(self.task_objective(batch.task(i))
+                                    for i in range(len(batch))), strict=True)
+        means = {key: sum(m[key] for m in metrics) / len(metrics) for key in metrics[0]}
+        return torch.stack(objectives).mean(), means
+
+    def stateless(self) -> bool:
+        """True when a forward pass writes no buffer (no running BatchNorm statistics), so
+        tasks can run in parallel threads."""
+        return not (self.training and any(b.numel() for b in self.buffers()))
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> AdaptedPredictor:
         with torch.no_grad():
@@ -183,9 +194,9 @@ class MAML(MetaLearner):
 
 
 def score(output: Tensor, target: Tensor, kind: str) -> float:
-    """Accuracy in % (classification) or mean squared error (regression)."""
+    """Accuracy as a fraction (classification) or mean squared error (regression)."""
     if kind == "classification":
-        return (output.argmax(-1) == target).float().mean().item() * 100
+        return (output.argmax(-1) == target).float().mean().item()
     return (output - target).pow(2).mean().item()
 
 

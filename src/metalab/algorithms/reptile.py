@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from metalab.algorithms.base import TaskSpec, register
 from metalab.algorithms.maml import MAML, task_loss
-from metalab.tasks import TaskBatch
+from metalab.tasks import Task
 
 
 @register
@@ -33,23 +33,19 @@ class Reptile(MAML):
     def __init__(
         self, backbone: nn.Module, spec: TaskSpec, inner_steps: int = 5,
         test_inner_steps: int | None = None, inner_lr: float = 0.1,
-        batch_norm: str = "transductive",
+        batch_norm: str = "transductive", task_workers: int | None = None,
     ) -> None:
         super().__init__(backbone, spec, inner_steps, test_inner_steps, inner_lr,
-                         first_order=True, batch_norm=batch_norm)
+                         first_order=True, batch_norm=batch_norm, task_workers=task_workers)
 
-    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+    def task_objective(self, task: Task) -> tuple[Tensor, dict[str, float]]:
+        """½‖θ − stopgrad(φ)‖² for this task's SGD solution φ, and φ's loss on its data."""
         theta = self.fast_params()
-        surrogate, adapted_losses = [], []
-        for i in range(len(batch)):
-            task = batch.task(i)
-            x = torch.cat([task.support_x, task.query_x])
-            y = torch.cat([task.support_y, task.query_y])
-            start = {name: p.detach().requires_grad_() for name, p in theta.items()}
-            phi = self.inner_loop(start, x, y, self.inner_steps, create_graph=False)
-            surrogate.append(sum(0.5 * (theta[name] - phi[name].detach()).pow(2).sum()
-                                 for name in theta))
-            with torch.no_grad():
-                adapted_losses.append(task_loss(self.predict(phi, x), y, self.kind).item())
-        return (torch.stack(surrogate).mean(),
-                {"adapted_loss": sum(adapted_losses) / len(adapted_losses)})
+        x = torch.cat([task.support_x, task.query_x])
+        y = torch.cat([task.support_y, task.query_y])
+        start = {name: p.detach().requires_grad_() for name, p in theta.items()}
+        phi = self.inner_loop(start, x, y, self.inner_steps, create_graph=False)
+        with torch.no_grad():
+            adapted_loss = task_loss(self.predict(phi, x), y, self.kind).item()
+        distance = sum(0.5 * (theta[name] - phi[name].detach()).pow(2).sum() for name in theta)
+        return distance, {"adapted_loss": adapted_loss}

@@ -12,10 +12,10 @@ from torch import nn
 __all__ = ["BACKBONES", "MLP", "Conv4", "build_backbone", "feature_shape"]
 
 
-def conv_block(in_channels: int, out_channels: int, pool: bool) -> nn.Sequential:
+def conv_block(in_channels: int, out_channels: int, pool: bool, stride: int = 1) -> nn.Sequential:
     """3x3 conv, BatchNorm, ReLU and (optionally) 2x2 max-pool: the Conv-4 building block."""
     layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, out_channels, 3, padding=1),
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1),
         nn.BatchNorm2d(out_channels),
         nn.ReLU(),
     ]
@@ -29,13 +29,16 @@ class Conv4(nn.Sequential):
 
     On 28x28 Omniglot the output is 64 features. ``pool_blocks`` < 4 keeps the spatial size
     after the first ``pool_blocks`` blocks (Relation Networks pool only in the first two);
-    ``flatten=False`` returns feature maps instead of vectors.
+    ``flatten=False`` returns feature maps instead of vectors. ``stride=2`` with
+    ``pool_blocks=0`` is the MAML paper's Omniglot network (strided convolutions instead of
+    max-pooling, Finn et al. 2017, Sec. 5.2): about 4x fewer operations at 28x28.
     """
 
     def __init__(
-        self, in_channels: int = 1, hidden: int = 64, pool_blocks: int = 4, flatten: bool = True
+        self, in_channels: int = 1, hidden: int = 64, pool_blocks: int = 4, flatten: bool = True,
+        stride: int = 1,
     ) -> None:
-        blocks = [conv_block(in_channels if i == 0 else hidden, hidden, i < pool_blocks)
+        blocks = [conv_block(in_channels if i == 0 else hidden, hidden, i < pool_blocks, stride)
                   for i in range(4)]
         super().__init__(*blocks, *([nn.Flatten()] if flatten else []))
 

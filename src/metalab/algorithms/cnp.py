@@ -1,0 +1,148 @@
+"""Conditional Neural Processes (Garnelo, Rosenbaum, Maddison, Ramalho, Saxton, Shanahan, Teh,
+Rezende & Eslami, ICML 2018).
+
+A CNP summarises the support set (its "context") in one vector and predicts every query from
+that vector and the query's input:
+
+    r_i = h([f(x_i), y_i])        encoder MLP, on every support pair
+    r   = 1/S sum_i r_i           aggregation: a mean, so invariant to the support set's order
+    g([r, f(x_q)])                decoder MLP, on every query
+
+* **Regression**: ``g`` outputs a mean ``μ`` and ``σ = 0.1 + 0.9 softplus(s)`` (the paper's
+  lower bound, which keeps the likelihood from collapsing onto a single point), and the loss is
+  the Gaussian negative log-likelihood ``-log N(y_q; μ, σ²)`` of the query targets. The
+  predictor returns ``μ``; ``predict_distribution`` returns the ``Normal(μ, σ)``.
+* **Classification**: ``y_i`` is the one-hot label, ``g`` outputs ``n_way`` logits, and the
+  loss is the cross-entropy; ``predict_distribution`` returns the ``Categorical``. Label
+  input and logits have ``n_way`` units: a trained model classifies tasks of that many
+  classes.
+
+``f`` is the backbone: it embeds images for classification, and for regression it is the
+config's MLP over ``x`` (``backbone: mlp`` with ``hidden: []`` is the identity, i.e. the
+paper's raw ``x``). The paper's 1-D regression networks are the defaults: an encoder of three
+layers of 128 units and a decoder of five (four of 128 units, then the output layer). Tasks
+are batched throughout (``[T, S, ...]`` tensors; the mean is over each task's support set).
+Adaptation is computing ``r``: the predictor keeps it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import Categorical, Distribution, Normal
+
+from metalab.algorithms.base import MetaLearner, TaskSpec, register
+from metalab.algorithms.recurrent import check_n_way
+from metalab.models import feature_shape
+from metalab.tasks import TaskBatch
+
+
+def mlp(sizes: Sequence[int]) -> nn.Sequential:
+    """Linear layers ``sizes[0] -> sizes[1] -> ...`` with a ReLU after all but the last."""
+    layers: list[nn.Module] = []
+    for width, out in itertools.pairwise(sizes):
+        layers += [nn.Linear(width, out), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+@register
+class CNP(MetaLearner):
+    """Conditional Neural Process: encoder widths ``encoder_sizes`` (the last is the size of
+    ``r``), decoder hidden widths ``decoder_sizes``; ``min_std`` is the floor of ``σ``."""
+
+    name = "cnp"
+    family = "model"
+    kinds = ("regression", "classification")
+
+    def __init__(
+        self, backbone: nn.Module, spec: TaskSpec,
+        encoder_sizes: Sequence[int] = (128, 128, 128),
+        decoder_sizes: Sequence[int] = (128, 128, 128, 128), min_std: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if not encoder_sizes or min(encoder_sizes) < 1 or min(decoder_sizes, default=1) < 1:
+            raise ValueError(f"encoder_sizes must be a non-empty list of positive widths and "
+                             f"decoder_sizes a list of positive widths, got {encoder_sizes!r} "
+                             f"and {decoder_sizes!r}.")
+        if not 0.0 <= min_std < 1.0:
+            raise ValueError(f"min_std must be in [0, 1), got {min_std}.")
+        self.backbone = backbone
+        self.kind = spec.kind
+        self.n_way = spec.n_way
+        self.min_std = min_std
+        features = math.prod(feature_shape(backbone, spec.input_shape))
+        targets = spec.n_way if spec.kind == "classification" else spec.output_dim
+        outputs = spec.n_way if spec.kind == "classification" else 2 * spec.output_dim
+        self.encoder = mlp([features + targets, *encoder_sizes])
+        self.decoder = mlp([encoder_sizes[-1] + features, *decoder_sizes, outputs])
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Embed ``[T, B, *shape]`` in one backbone call -> ``[T, B, D]``."""
+        return self.backbone(x.flatten(0, 1)).view(*x.shape[:2], -1)
+
+    def represent(self, features: Tensor, y: Tensor) -> Tensor:
+        """``r`` ``[T, 1, R]`` of support sets: features ``[T, S, D]``, targets ``[T, S, ...]``
+        (class indices for classification, encoded one-hot)."""
+        if self.kind == "classification":
+            y = F.one_hot(y, self.n_way).to(features.dtype)
+        return self.encoder(torch.cat([features, y], -1)).mean(1, keepdim=True)
+
+    def decode(self, representation: Tensor, features: Tensor) -> Tensor:
+        """Decoder outputs ``[T, Q, outputs]`` of query features ``[T, Q, D]``."""
+        r = representation.expand(-1, features.shape[1], -1)
+        return self.decoder(torch.cat([r, features], -1))
+
+    def distribution(self, output: Tensor) -> Distribution:
+        """The predictive distribution a decoder output stands for."""
+        if self.kind == "classification":
+            return Categorical(logits=output)
+        mean, raw_std = output.chunk(2, dim=-1)
+        return Normal(mean, self.min_std + (1 - self.min_std) * F.softplus(raw_std))
+
+    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+        if self.kind == "classification":
+            check_n_way(batch.n_way, self.n_way, self.name)
+        num_support = batch.support_x.shape[1]
+        features = self.embed(torch.cat([batch.support_x, batch.query_x], dim=1))
+        representation = self.represent(features[:, :num_support], batch.support_y)
+        output = self.decode(representation, features[:, num_support:])
+        if self.kind == "classification":
+            loss = F.cross_entropy(output.flatten(0, 1), batch.query_y.flatten())
+            accuracy = (output.argmax(-1) == batch.query_y).float().mean()
+            return loss, {"accuracy": accuracy.item()}
+        predicted = self.distribution(output)
+        loss = -predicted.log_prob(batch.query_y).mean()
+        return loss, {"mse": (predicted.mean - batch.query_y).pow(2).mean().item()}
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> CNPPredictor:
+        if self.kind == "classification":
+            check_n_way(int(support_y.max()) + 1, self.n_way, self.name)
+        features = self.embed(support_x.unsqueeze(0))
+        return CNPPredictor(self, self.represent(features, support_y.unsqueeze(0)))
+
+
+class CNPPredictor:
+    """Predicts queries from one task's representation ``r``: the mean (regression) or the
+    logits (classification); :meth:`predict_distribution` gives the whole distribution."""
+
+    def __init__(self, model: CNP, representation: Tensor) -> None:
+        self.model, self.representation = model, representation
+
+    def output(self, query_x: Tensor) -> Tensor:
+        return self.model.decode(self.representation, self.model.embed(query_x.unsqueeze(0)))[0]
+
+    def predict_distribution(self, query_x: Tensor) -> Distribution:
+        """``Normal`` (``.mean``, ``.stddev``, ``.variance``) per query target for regression,
+        ``Categorical`` over the classes for classification."""
+        return self.model.distribution(self.output(query_x))
+
+    def __call__(self, query_x: Tensor) -> Tensor:
+        output = self.output(query_x)
+        if self.model.kind == "classification":
+            return output
+        return self.model.distribution(output).mean
