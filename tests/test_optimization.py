@@ -100,16 +100,25 @@ def batch() -> TaskBatch:
     return sampler.sample(3, torch.Generator().manual_seed(0)).to("cpu", torch.float64)
 
 
-@pytest.mark.parametrize("workers", [1, 2])  # tasks one after the other, or in 2 threads
-@pytest.mark.parametrize("kind", ["mlp", "conv"])
+LAYOUTS = {  # how the tasks of a meta-batch are computed
+    "loop": {"task_workers": 1, "vectorize": False},
+    "threads": {"task_workers": 2, "vectorize": False},
+    "vmap": {"vectorize": True},
+}
+# vmap is only used without BatchNorm (inexact through F.batch_norm on torch 2.13).
+MODELS = [("mlp", "loop"), ("mlp", "threads"), ("mlp", "vmap"), ("conv", "loop"),
+          ("conv", "threads")]
+
+
+@pytest.mark.parametrize(("kind", "layout"), MODELS)
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize(("name", "options"), CASES)
-def test_meta_gradient_equals_reference(name, options, steps, kind, workers, batch) -> None:
+def test_meta_gradient_equals_reference(name, options, steps, kind, layout, batch) -> None:
     torch.manual_seed(0)
     backbone = mlp_backbone() if kind == "mlp" else conv_backbone()
     spec = TaskSpec(kind="classification", n_way=N_WAY, input_shape=SHAPE)
     algo = build_algorithm(name, backbone, spec, inner_steps=steps, inner_lr=LR,
-                           task_workers=workers, **options).double()
+                           **LAYOUTS[layout], **options).double()
     lrs = None
     if name == "metasgd":  # learned per-weight step sizes: start them away from uniform
         with torch.no_grad():

@@ -36,7 +36,14 @@ def _train(args: argparse.Namespace) -> None:
           f"best validation {metric} {state.best:.2f}")
     _, config, result = score_checkpoint(Path(config.out) / "best.pt", progress=not args.quiet)
     _write_json(Path(config.out) / "test.json", _result_record(config, result))
-    print(f"test ({config.test_n_way}-way {config.test_k_shot}-shot, best.pt): {result}")
+    print(f"test ({_episode_words(config, result)}, best.pt): {result}")
+
+
+def _episode_words(config: Config, result: EvalResult) -> str:
+    """'5-way 1-shot' for classification, '5-shot regression' for regression."""
+    if result.metric == "mse":
+        return f"{config.test_k_shot}-shot regression"
+    return f"{config.test_n_way}-way {config.test_k_shot}-shot"
 
 
 def _result_record(config: Config, result: EvalResult) -> dict:
@@ -62,8 +69,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         overrides["algorithm_options"] = {"test_inner_steps": args.inner_steps}
     _, config, result = score_checkpoint(args.checkpoint, overrides, args.episodes, args.seed,
                                          progress=not args.quiet)
-    print(f"{config.algorithm} on {config.dataset}/{config.test_split}, {config.test_n_way}-way "
-          f"{config.test_k_shot}-shot: {result}")
+    print(f"{config.algorithm} on {config.dataset}/{config.test_split}, "
+          f"{_episode_words(config, result)}: {result}")
     if args.json:
         _write_json(Path(args.json), _result_record(config, result))
 

@@ -32,5 +32,6 @@ class ANIL(MAML):
         return self.backbone(x).flatten(1)
 
     def predict(self, params: Params, inputs: Tensor) -> Tensor:
-        head_params = {name.removeprefix("head."): p for name, p in params.items()}
+        head_params = {name.removeprefix("head."): p for name, p in params.items()
+                       if name.startswith("head.")}
         return functional_call(self.head, head_params, (inputs,))

@@ -27,8 +27,8 @@ class FOMAML(MAML):
         self, backbone: nn.Module, spec: TaskSpec, inner_steps: int = 1,
         test_inner_steps: int | None = None, inner_lr: float = 0.4,
         learn_inner_lr: str = "none", batch_norm: str = "transductive",
-        task_workers: int | None = None,
+        task_workers: int | None = None, vectorize: bool | None = None,
     ) -> None:
         super().__init__(backbone, spec, inner_steps, test_inner_steps, inner_lr,
                          first_order=True, learn_inner_lr=learn_inner_lr, batch_norm=batch_norm,
-                         task_workers=task_workers)
+                         task_workers=task_workers, vectorize=vectorize)

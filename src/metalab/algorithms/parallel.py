@@ -21,16 +21,18 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor, nn
 
-from metalab.tasks import Task, TaskBatch
+from metalab.tasks import TaskBatch
 
-TaskObjective = Callable[[nn.Module, Task], tuple[Tensor, dict[str, float]]]
+# (module, support_x, support_y, query_x, query_y) -> (objective, metric), both 0-d tensors
+TaskObjective = Callable[[nn.Module, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def parallel_meta_loss(
     module: nn.Module, batch: TaskBatch, objective: TaskObjective, workers: int,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Mean of ``objective(module, task)`` over the tasks of ``batch``, computed in
-    ``workers`` threads, as a loss whose value and gradient are those of the mean.
+    """Mean of ``objective(module, *task)`` over the tasks of ``batch``, computed in
+    ``workers`` threads, as a loss whose value and gradient are those of the mean, and the
+    mean metric under the name ``module.metric``.
 
     The gradients are computed in the threads; the returned loss carries them
     (``value + Σ (p·g) − stopgrad(Σ (p·g))``), so ``loss.backward()`` puts exactly the mean
@@ -41,18 +43,19 @@ def parallel_meta_loss(
     replicas = [copy.deepcopy(module, memo=dict(shared)) for _ in range(workers)]
     autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
 
-    def run(worker: int) -> tuple[list[Tensor], list[Tensor], list[dict[str, float]]]:
+    def run(worker: int) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         total = [torch.zeros_like(p) for p in params]
         values, metrics = [], []
         with torch.autocast("cpu", dtype=autocast[1], enabled=autocast[0]):  # thread-local
             for i in range(worker, len(batch), workers):
-                value, task_metrics = objective(replicas[worker], batch.task(i))
+                task = (batch.support_x[i], batch.support_y[i], batch.query_x[i], batch.query_y[i])
+                value, metric = objective(replicas[worker], *task)
                 grads = torch.autograd.grad(value, params, allow_unused=True)
                 for acc, grad in zip(total, grads, strict=True):
                     if grad is not None:
                         acc += grad
                 values.append(value.detach())
-                metrics.append(task_metrics)
+                metrics.append(metric.detach())
         return total, values, metrics
 
     threads = torch.get_num_threads()
@@ -67,5 +70,4 @@ def parallel_meta_loss(
     metrics = [m for r in results for m in r[2]]
     carrier = sum((p * g).sum() for p, g in zip(params, grads, strict=True))
     loss = torch.stack(values).mean() + carrier - carrier.detach()
-    means = {key: sum(m[key] for m in metrics) / len(metrics) for key in metrics[0]}
-    return loss, means
+    return loss, {module.metric: torch.stack(metrics).mean().item()}

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from metalab.algorithms.base import TaskSpec, register
 from metalab.algorithms.maml import MAML, task_loss
-from metalab.tasks import Task
 
 
 @register
@@ -33,19 +32,23 @@ class Reptile(MAML):
     def __init__(
         self, backbone: nn.Module, spec: TaskSpec, inner_steps: int = 5,
         test_inner_steps: int | None = None, inner_lr: float = 0.1,
-        batch_norm: str = "transductive", task_workers: int | None = None,
+        batch_norm: str = "transductive", task_workers: int | None = None, vectorize: bool | None = None,
     ) -> None:
         super().__init__(backbone, spec, inner_steps, test_inner_steps, inner_lr,
-                         first_order=True, batch_norm=batch_norm, task_workers=task_workers)
+                         first_order=True, batch_norm=batch_norm, task_workers=task_workers, vectorize=vectorize)
 
-    def task_objective(self, task: Task) -> tuple[Tensor, dict[str, float]]:
+    metric = "adapted_loss"
+
+    def task_objective(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
+    ) -> tuple[Tensor, Tensor]:
         """½‖θ − stopgrad(φ)‖² for this task's SGD solution φ, and φ's loss on its data."""
         theta = self.fast_params()
-        x = torch.cat([task.support_x, task.query_x])
-        y = torch.cat([task.support_y, task.query_y])
-        start = {name: p.detach().requires_grad_() for name, p in theta.items()}
+        x, y = torch.cat([support_x, query_x]), torch.cat([support_y, query_y])
+        start = {name: p.detach() for name, p in theta.items()}
         phi = self.inner_loop(start, x, y, self.inner_steps, create_graph=False)
+        phi = {name: p.detach() for name, p in phi.items()}
         with torch.no_grad():
-            adapted_loss = task_loss(self.predict(phi, x), y, self.kind).item()
-        distance = sum(0.5 * (theta[name] - phi[name].detach()).pow(2).sum() for name in theta)
-        return distance, {"adapted_loss": adapted_loss}
+            adapted_loss = task_loss(self.predict(phi, x), y, self.kind)
+        distance = sum(0.5 * (theta[name] - phi[name]).pow(2).sum() for name in theta)
+        return distance, adapted_loss
