@@ -43,10 +43,17 @@ def suites() -> list[str]:
 
 
 def suite_config(suite: str, algorithm: str) -> Config:
-    """The config ``algorithm`` trains with in ``suite``."""
+    """The config ``algorithm`` trains with in ``suite``: a built-in suite, or a YAML config
+    file whose ``algorithm`` is replaced."""
+    if suite.endswith((".yaml", ".yml")):
+        if not Path(suite).is_file():
+            raise ValueError(f"no config file {suite}; give a built-in suite "
+                             f"({', '.join(suites())}) or an existing YAML config.")
+        return load_config(suite, [f"algorithm={algorithm}"])
     names = builtin_configs()
     if f"{suite}/default" not in names:
-        raise ValueError(f"unknown suite {suite!r}; available suites: {', '.join(suites())}.")
+        raise ValueError(f"unknown suite {suite!r}; available suites: {', '.join(suites())}, "
+                         "or a YAML config file.")
     if f"{suite}/{algorithm}" in names:
         return load_config(f"{suite}/{algorithm}")
     return load_config(f"{suite}/default", [f"algorithm={algorithm}"])
@@ -98,7 +105,7 @@ def run_compare(
     if not algorithms:
         from metalab.data import REGRESSION_SOURCES
 
-        dataset = suite_config(suite, "protonet").dataset
+        dataset = suite_config(suite, "protonet").dataset  # any name: only the data is read
         kind = "regression" if dataset in REGRESSION_SOURCES else "classification"
         algorithms = sorted(n for n, c in ALGORITHMS.items() if kind in c.kinds)
     unknown = [a for a in algorithms if a not in ALGORITHMS]
@@ -113,10 +120,10 @@ def run_compare(
             config.val_every = min(config.val_every, steps)
         print(f"== {config.algorithm}: {config.steps} steps on {config.dataset} "
               f"({config.n_way}-way {config.k_shot}-shot training)")
-        rows.append(_run_one(config, out / suite, fresh, progress))
+        rows.append(_run_one(config, out / Path(suite).stem, fresh, progress))
     table = markdown_table(rows)
     print(table)
-    out = out / suite
+    out = out / Path(suite).stem
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(table + "\n")
     (out / "table.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")
