@@ -13,9 +13,10 @@ What is measured
       (``task_workers=2``), metalab's default on a 2-core CPU.
 
     Each configuration runs in a fresh subprocess (so allocator caches of one do not hide
-    another's peak): it builds the model and the batch, records its resident set size (RSS),
-    runs ``--steps`` steps and reports the peak RSS (``ru_maxrss``) minus the RSS before the
-    first step: the memory the steps needed, model and data excluded. The gradients of all
+    another's peak): it builds the model and the batch, resets the kernel's peak-RSS mark
+    (writing ``5`` to ``/proc/self/clear_refs``), runs ``--steps`` steps and reports the peak
+    resident set size during them (``VmHWM``) minus the RSS before the first step: the memory
+    the steps needed, model and data excluded. The gradients of all
     three modes are equal (``tests/test_optimization.py`` checks it), so the columns compare
     the same computation.
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -38,11 +38,12 @@ from pathlib import Path
 MODES = {"whole": (0, 1), "chunk1": (1, 1), "threads": (0, 2)}  # mode -> (task_chunk, workers)
 
 
-def rss_mib() -> float:
-    """Current resident set size of this process in MiB."""
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
+def status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
 
 
 def measure(inner_steps: int, tasks: int, mode: str, steps: int) -> dict[str, float]:
@@ -66,16 +67,23 @@ def measure(inner_steps: int, tasks: int, mode: str, steps: int) -> dict[str, fl
                       torch.arange(5).repeat(tasks, 1),
                       torch.rand(tasks, 75, 1, 28, 28, generator=generator),
                       torch.arange(5).repeat(tasks, 15))
-    before = rss_mib()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path("/proc/self/clear_refs").write_text("5")  # peak mark := current RSS
+    before = status_mib("VmRSS")
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         meta_backward(algo, batch, task_chunk=chunk)
         optimizer.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mib("VmHWM")
     return {"inner_steps": inner_steps, "tasks": tasks, "mode": mode,
-            "baseline_mib": before, "peak_mib": peak, "step_mib": peak - max(before, 0.0),
-            "peak_before_mib": peak_before}
+            "baseline_mib": before, "peak_mib": peak, "step_mib": peak - before}
+
+
+def write(args: argparse.Namespace, rows: list[dict[str, float]]) -> None:
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({
+        "what": "extra peak RSS of MAML second-order steps (5w1s15q, Conv-4, 28x28, fp32)",
+        "machine": platform.processor() or platform.machine(), "python": sys.version.split()[0],
+        "steps": args.steps, "rows": rows}, indent=2) + "\n")
 
 
 def main() -> None:
@@ -107,6 +115,7 @@ def main() -> None:
                     check=True, capture_output=True, text=True).stdout
                 row = json.loads(out.strip().splitlines()[-1])
                 rows.append(row)
+                write(args, rows)  # after every cell: an interrupted grid keeps what it measured
                 print(f"inner steps {inner}  tasks {tasks:3d}  {mode:8s} "
                       f"step peak {row['step_mib']:8.1f} MiB", flush=True)
     print("\n| inner steps | tasks | " + " | ".join(f"{m} (MiB)" for m in args.modes) + " |")
@@ -116,11 +125,7 @@ def main() -> None:
             cells = [next(r["step_mib"] for r in rows if r["inner_steps"] == inner
                           and r["tasks"] == tasks and r["mode"] == m) for m in args.modes]
             print(f"| {inner} | {tasks} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
-        "what": "extra peak RSS of MAML second-order steps (5w1s15q, Conv-4, 28x28, fp32)",
-        "machine": platform.processor() or platform.machine(), "python": sys.version.split()[0],
-        "steps": args.steps, "rows": rows}, indent=2) + "\n")
+    write(args, rows)
     print(f"\nwrote {args.out}")
 
 
