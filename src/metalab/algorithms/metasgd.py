@@ -27,7 +27,8 @@ class MetaSGD(MAML):
     def __init__(
         self, backbone: nn.Module, spec: TaskSpec, inner_steps: int = 1,
         test_inner_steps: int | None = None, inner_lr: float = 0.4, first_order: bool = False,
-        batch_norm: str = "transductive", task_workers: int | None = None, vectorize: bool | None = None,
+        batch_norm: str = "transductive", task_workers: int | None = None,
+        vectorize: bool | None = None,
     ) -> None:
         super().__init__(backbone, spec, inner_steps, test_inner_steps, inner_lr,
                          first_order=first_order, learn_inner_lr="element",

@@ -33,7 +33,8 @@ class Pretrained(MAML):
         inner_lr: float = 0.01, task_workers: int | None = None, vectorize: bool | None = None,
     ) -> None:
         super().__init__(backbone, spec, inner_steps=1, test_inner_steps=test_inner_steps,
-                         inner_lr=inner_lr, first_order=True, task_workers=task_workers, vectorize=vectorize)
+                         inner_lr=inner_lr, first_order=True, task_workers=task_workers,
+                         vectorize=vectorize)
 
     def task_objective(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,

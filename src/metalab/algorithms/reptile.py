@@ -32,10 +32,12 @@ class Reptile(MAML):
     def __init__(
         self, backbone: nn.Module, spec: TaskSpec, inner_steps: int = 5,
         test_inner_steps: int | None = None, inner_lr: float = 0.1,
-        batch_norm: str = "transductive", task_workers: int | None = None, vectorize: bool | None = None,
+        batch_norm: str = "transductive", task_workers: int | None = None,
+        vectorize: bool | None = None,
     ) -> None:
         super().__init__(backbone, spec, inner_steps, test_inner_steps, inner_lr,
-                         first_order=True, batch_norm=batch_norm, task_workers=task_workers, vectorize=vectorize)
+                         first_order=True, batch_norm=batch_norm, task_workers=task_workers,
+                         vectorize=vectorize)
 
     metric = "adapted_loss"
 
