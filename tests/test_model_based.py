@@ -236,7 +236,7 @@ def test_snail_query_step_equals_the_full_causal_sequence(task: Task) -> None:
     with torch.no_grad():
         support = with_labels(algo.embed(task.support_x[None]), task.support_y[None], 5)
         queries = with_labels(algo.embed(task.query_x[None]), None, 5)
-        cached = algo.query_logits(queries, algo.encode_support(support))[0]
+        cached = algo.query_logits(queries, algo.read_support(support))[0]
         for j in range(len(task.query_x)):
             sequence = torch.cat([support, queries[:, j:j + 1]], dim=1)
             for block in algo.blocks:

@@ -22,6 +22,7 @@ The output layer has ``n_way`` units: a trained model classifies tasks of that m
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +62,58 @@ def repeat_state(state: State, times: int) -> State:
     return state.repeat_interleave(times, dim=1)
 
 
+class SequenceLearner(MetaLearner):
+    """A model-based learner that reads a task as a sequence: the support steps
+    ``[f(x_i), onehot(y_i)]`` give a memory (``read_support``), and each query step
+    ``[f(x_q), 0]`` is classified from that memory on its own (``query_logits``).
+    ``meta_loss`` and ``adapt`` are the same for every such learner."""
+
+    n_way: int
+    backbone: nn.Module
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Embed ``[T, B, *shape]`` in one backbone call -> ``[T, B, D]``."""
+        return self.backbone(x.flatten(0, 1)).view(*x.shape[:2], -1)
+
+    def read_support(self, support: Tensor) -> Any:
+        """What the learner keeps of the support steps ``[T, S, C]`` of every task."""
+        raise NotImplementedError
+
+    def query_logits(self, queries: Tensor, memory: Any) -> Tensor:
+        """Logits ``[T, Q, n_way]`` of query steps ``[T, Q, C]``, each on its own."""
+        raise NotImplementedError
+
+    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+        check_n_way(batch.n_way, self.n_way, self.name)
+        num_support = batch.support_x.shape[1]
+        features = self.embed(torch.cat([batch.support_x, batch.query_x], dim=1))
+        support = with_labels(features[:, :num_support], batch.support_y, self.n_way)
+        queries = with_labels(features[:, num_support:], None, self.n_way)
+        logits = self.query_logits(queries, self.read_support(support))
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
+        accuracy = (logits.argmax(-1) == batch.query_y).float().mean()
+        return loss, {"accuracy": accuracy.item()}
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> SequencePredictor:
+        check_n_way(int(support_y.max()) + 1, self.n_way, self.name)
+        support = with_labels(self.embed(support_x.unsqueeze(0)), support_y.unsqueeze(0),
+                              self.n_way)
+        return SequencePredictor(self, self.read_support(support))
+
+
+class SequencePredictor:
+    """Classifies queries from the memory a sequence learner kept of one task's support set."""
+
+    def __init__(self, model: SequenceLearner, memory: Any) -> None:
+        self.model, self.memory = model, memory
+
+    def __call__(self, query_x: Tensor) -> Tensor:
+        queries = with_labels(self.model.embed(query_x.unsqueeze(0)), None, self.model.n_way)
+        return self.model.query_logits(queries, self.memory)[0]
+
+
 @register
-class Recurrent(MetaLearner):
+class Recurrent(SequenceLearner):
     """An RNN (``cell``: ``"lstm"`` or ``"gru"``) reading (embedding, one-hot label) pairs."""
 
     name = "recurrent"
@@ -84,10 +135,6 @@ class Recurrent(MetaLearner):
         self.rnn = CELLS[cell](inputs, hidden_size, num_layers=layers, batch_first=True)
         self.output = nn.Linear(hidden_size, spec.n_way)
 
-    def embed(self, x: Tensor) -> Tensor:
-        """Embed ``[T, B, *shape]`` in one backbone call -> ``[T, B, D]``."""
-        return self.backbone(x.flatten(0, 1)).view(*x.shape[:2], -1)
-
     def read_support(self, support: Tensor) -> State:
         """The RNN state after the support steps ``[T, S, C]`` of every task."""
         return self.rnn(support)[1]
@@ -99,31 +146,3 @@ class Recurrent(MetaLearner):
         out, _ = self.rnn(queries.reshape(num_tasks * num_queries, 1, -1),
                           repeat_state(state, num_queries))
         return self.output(out.view(num_tasks, num_queries, -1))
-
-    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
-        check_n_way(batch.n_way, self.n_way, self.name)
-        num_support = batch.support_x.shape[1]
-        features = self.embed(torch.cat([batch.support_x, batch.query_x], dim=1))
-        support = with_labels(features[:, :num_support], batch.support_y, self.n_way)
-        queries = with_labels(features[:, num_support:], None, self.n_way)
-        logits = self.query_logits(queries, self.read_support(support))
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
-        accuracy = (logits.argmax(-1) == batch.query_y).float().mean()
-        return loss, {"accuracy": accuracy.item()}
-
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> RecurrentPredictor:
-        check_n_way(int(support_y.max()) + 1, self.n_way, self.name)
-        support = with_labels(self.embed(support_x.unsqueeze(0)), support_y.unsqueeze(0),
-                              self.n_way)
-        return RecurrentPredictor(self, self.read_support(support))
-
-
-class RecurrentPredictor:
-    """Classifies queries from the RNN state after one task's support set."""
-
-    def __init__(self, model: Recurrent, state: State) -> None:
-        self.model, self.state = model, state
-
-    def __call__(self, query_x: Tensor) -> Tensor:
-        queries = with_labels(self.model.embed(query_x.unsqueeze(0)), None, self.model.n_way)
-        return self.model.query_logits(queries, self.state)[0]

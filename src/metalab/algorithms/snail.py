@@ -46,10 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalab.algorithms.base import MetaLearner, TaskSpec, register
-from metalab.algorithms.recurrent import check_n_way, with_labels
+from metalab.algorithms.base import TaskSpec, register
+from metalab.algorithms.recurrent import SequenceLearner
 from metalab.models import feature_shape
-from metalab.tasks import TaskBatch
 
 Cache = Any  # what a block keeps of the support sequence for the query steps
 
@@ -146,7 +145,7 @@ class TCBlock(nn.Module):
 
 
 @register
-class SNAIL(MetaLearner):
+class SNAIL(SequenceLearner):
     """SNAIL: attention blocks ``attention`` (``(key_size, value_size)`` each) with a TC block
     of ``filters`` channels per layer between consecutive ones, then a linear layer to
     ``n_way`` logits. ``k_shot`` sizes the TC blocks for sequences of ``n_way * k_shot + 1``."""
@@ -181,11 +180,7 @@ class SNAIL(MetaLearner):
             channels = self.blocks[-1].out_channels
         self.output = nn.Linear(channels, spec.n_way)
 
-    def embed(self, x: Tensor) -> Tensor:
-        """Embed ``[T, B, *shape]`` in one backbone call -> ``[T, B, D]``."""
-        return self.backbone(x.flatten(0, 1)).view(*x.shape[:2], -1)
-
-    def encode_support(self, support: Tensor) -> list[Cache]:
+    def read_support(self, support: Tensor) -> list[Cache]:
         """Run the support steps ``[T, S, C]`` through every block; the per-block caches."""
         caches = []
         for block in self.blocks:
@@ -198,31 +193,3 @@ class SNAIL(MetaLearner):
         for block, cache in zip(self.blocks, caches, strict=True):
             queries = block.extend(queries, cache)
         return self.output(queries)
-
-    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
-        check_n_way(batch.n_way, self.n_way, self.name)
-        num_support = batch.support_x.shape[1]
-        features = self.embed(torch.cat([batch.support_x, batch.query_x], dim=1))
-        support = with_labels(features[:, :num_support], batch.support_y, self.n_way)
-        queries = with_labels(features[:, num_support:], None, self.n_way)
-        logits = self.query_logits(queries, self.encode_support(support))
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
-        accuracy = (logits.argmax(-1) == batch.query_y).float().mean()
-        return loss, {"accuracy": accuracy.item()}
-
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> SNAILPredictor:
-        check_n_way(int(support_y.max()) + 1, self.n_way, self.name)
-        support = with_labels(self.embed(support_x.unsqueeze(0)), support_y.unsqueeze(0),
-                              self.n_way)
-        return SNAILPredictor(self, self.encode_support(support))
-
-
-class SNAILPredictor:
-    """Classifies queries as the step after one task's encoded support sequence."""
-
-    def __init__(self, model: SNAIL, caches: list[Cache]) -> None:
-        self.model, self.caches = model, caches
-
-    def __call__(self, query_x: Tensor) -> Tensor:
-        queries = with_labels(self.model.embed(query_x.unsqueeze(0)), None, self.model.n_way)
-        return self.model.query_logits(queries, self.caches)[0]
