@@ -12,14 +12,18 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from metalab.algorithms.base import MetaLearner
 from metalab.tasks import TaskBatch
 
-__all__ = ["EvalResult", "evaluate", "mean_ci95"]
+if TYPE_CHECKING:  # metalab.algorithms imports this module (task_score)
+    from metalab.algorithms.base import MetaLearner
+
+__all__ = ["EvalResult", "evaluate", "mean_ci95", "task_score"]
 
 
 @dataclass
@@ -55,6 +59,13 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
     return mean, 1.96 * statistics.stdev(values) / math.sqrt(len(values))
 
 
+def task_score(output: Tensor, target: Tensor, kind: str) -> Tensor:
+    """One task's score: accuracy as a fraction (classification) or mean squared error."""
+    if kind == "classification":
+        return (output.argmax(-1) == target).float().mean()
+    return (output - target).pow(2).mean()
+
+
 def _now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -87,11 +98,8 @@ def evaluate(
                     done = _now(device)
                     adapt_times.append(adapted - start)
                     query_times.append(done - adapted)
-                    if kind == "classification":
-                        score = (output.argmax(-1) == task.query_y).float().mean().item() * 100
-                    else:
-                        score = (output - task.query_y).pow(2).mean().item()
-                    scores.append(score)
+                    score = task_score(output, task.query_y, kind).item()
+                    scores.append(score * 100 if kind == "classification" else score)
                     bar.update()
     finally:
         algo.train(was_training)

@@ -4,7 +4,8 @@ The loop reads top to bottom::
 
     for step in range(start, steps):
         batch = train_tasks.sample(tasks_per_batch, step_generator(seed, step))
-        loss, metrics = algo.meta_loss(batch); loss.backward(); optimizer.step()  (see backward)
+        loss, metrics = meta_backward(algo, batch)   # algo.meta_loss(batch), then backward
+        optimizer.step()
         every val_every steps: score fixed validation episodes, write last.pt (and best.pt)
 
 Every step's tasks come from a generator seeded by ``(seed, step)``, so ``--resume`` from

@@ -37,6 +37,7 @@ from torch.func import functional_call, grad, vmap
 
 from metalab.algorithms.base import MetaLearner, TaskSpec, register
 from metalab.algorithms.parallel import parallel_meta_loss
+from metalab.evaluate import task_score
 from metalab.models import feature_shape
 from metalab.tasks import TaskBatch
 
@@ -185,7 +186,8 @@ class MAML(MetaLearner):
         params = self.inner_loop(self.fast_params(), support, support_y,
                                  self.inner_steps, create_graph=not self.first_order)
         output = self.predict(params, query)
-        return task_loss(output, query_y, self.kind), score(output.detach(), query_y, self.kind)
+        score = task_score(output.detach(), query_y, self.kind)
+        return task_loss(output, query_y, self.kind), score
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
@@ -219,13 +221,6 @@ class MAML(MetaLearner):
 
     def adaptation_steps(self) -> int:
         return self.test_inner_steps
-
-
-def score(output: Tensor, target: Tensor, kind: str) -> Tensor:
-    """Accuracy as a fraction (classification) or mean squared error (regression)."""
-    if kind == "classification":
-        return (output.argmax(-1) == target).float().mean()
-    return (output - target).pow(2).mean()
 
 
 class AdaptedPredictor:
