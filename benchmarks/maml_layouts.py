@@ -68,6 +68,7 @@ from maml_step import (
     finish_arguments,
     maml_options,
     metalab_maml,
+    parse_names,
     run_benchmark,
     write_json,
 )
@@ -219,10 +220,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated layouts, loop first (default: all: "
                              f"{','.join(names)})")
     args = parser.parse_args(argv)
-    args.layouts = [n.strip() for n in args.layouts.split(",") if n.strip()]
-    unknown = sorted(set(args.layouts) - set(names))
-    if unknown:
-        parser.error(f"unknown layout(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+    args.layouts = parse_names(parser, args.layouts, names, "layout")
     args.layouts = ["loop"] + [n for n in args.layouts if n != "loop"]
     return finish_arguments(parser, args, "maml_layouts")
 

@@ -38,18 +38,11 @@ from pathlib import Path
 MODES = {"whole": (0, 1), "chunk1": (1, 1), "threads": (0, 2)}  # mode -> (task_chunk, workers)
 
 
-def status_mib(field: str) -> float:
-    """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``) in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
-
-
 def measure(inner_steps: int, tasks: int, mode: str, steps: int) -> dict[str, float]:
     """Run in a subprocess: the extra peak memory of ``steps`` MAML steps, in MiB."""
     import torch
 
+    from maml_step import status_kib  # the sibling script (benchmarks/ is on sys.path)
     from metalab.algorithms import TaskSpec, build_algorithm
     from metalab.models import Conv4
     from metalab.tasks import TaskBatch
@@ -68,12 +61,12 @@ def measure(inner_steps: int, tasks: int, mode: str, steps: int) -> dict[str, fl
                       torch.rand(tasks, 75, 1, 28, 28, generator=generator),
                       torch.arange(5).repeat(tasks, 15))
     Path("/proc/self/clear_refs").write_text("5")  # peak mark := current RSS
-    before = status_mib("VmRSS")
+    before = status_kib("VmRSS") / 1024
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         meta_backward(algo, batch, task_chunk=chunk)
         optimizer.step()
-    peak = status_mib("VmHWM")
+    peak = status_kib("VmHWM") / 1024
     return {"inner_steps": inner_steps, "tasks": tasks, "mode": mode,
             "baseline_mib": before, "peak_mib": peak, "step_mib": peak - before}
 

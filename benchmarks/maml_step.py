@@ -111,7 +111,6 @@ import importlib.util
 import inspect
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -134,6 +133,7 @@ from metalab.data import task_source
 from metalab.models import Conv4
 from metalab.tasks import TaskBatch, step_generator
 from metalab.train import meta_backward
+from protonet_throughput import machine_info as shared_machine_info  # sibling script on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -566,7 +566,8 @@ def time_interleaved(entries: list[Entry], episodes: Episodes, args: argparse.Na
 # memory ------------------------------------------------------------------------------------------
 
 
-def _status_kib(key: str) -> int:
+def status_kib(key: str) -> int:
+    """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``) in KiB (Linux)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1])
@@ -577,7 +578,7 @@ def memory_worker(impl: Impl, episodes: Episodes, steps: int) -> dict[str, Any]:
     """Run ``steps`` outer steps of ``impl``; the RSS before them and the peak during them."""
     batches = [episodes(WARMUP_OFFSET + i) for i in range(steps)]
     gc.collect()
-    rss_before = _status_kib("VmRSS")
+    rss_before = status_kib("VmRSS")
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:  # reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)
         Path("/proc/self/clear_refs").write_text("5")
@@ -588,12 +589,12 @@ def memory_worker(impl: Impl, episodes: Episodes, steps: int) -> dict[str, Any]:
     for batch in batches:
         impl.step(batch)
     seconds = time.perf_counter() - t0
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     return {"rss_before_mib": rss_before / 1024, "peak_rss_mib": peak / 1024,
             "peak_minus_before_mib": (peak - rss_before) / 1024, "hwm_reset": hwm_reset,
             "ru_maxrss_before_mib": maxrss_before / 1024,
             "ru_maxrss_after_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_after_mib": _status_kib("VmRSS") / 1024, "steps": steps,
+            "rss_after_mib": status_kib("VmRSS") / 1024, "steps": steps,
             "seconds": seconds, "metalab_source_sha256": metalab_source()}
 
 
@@ -654,36 +655,10 @@ def metalab_source() -> dict[str, str]:
 
 
 def machine_info(threads: int, peers: dict[str, Peer] | None = None) -> dict[str, Any]:
-    """CPU, versions and threads: what the timings depend on."""
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                                capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    info = {
-        "cpu_model": cpu,
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "executable": sys.executable,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "threads_requested": threads,
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-        "mkldnn": torch.backends.mkldnn.is_available(),
-        "metalab": _version("metalab"),
-        "metalab_commit": commit,
-        "metalab_source_sha256": metalab_source(),
-        "loadavg": os.getloadavg(),
-    }
+    """CPU, versions and threads (``protonet_throughput.machine_info``), the hashes of the
+    metalab files a step runs, the load, and the peers: what the timings depend on."""
+    info = shared_machine_info(threads) | {"metalab_source_sha256": metalab_source(),
+                                            "loadavg": os.getloadavg()}
     if peers:
         info["peers"] = {name: {"version": p.version, "imported": p.module is not None,
                                 "error": p.error, "notes": p.notes}
@@ -777,6 +752,16 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
                              "1 memory step (values given explicitly win); about a minute")
     parser.add_argument("--out", type=Path, help="JSON path")
     parser.add_argument("--memory-worker", metavar="NAME", help=argparse.SUPPRESS)
+
+
+def parse_names(parser: argparse.ArgumentParser, value: str, names: list[str],
+                what: str) -> list[str]:
+    """The comma-separated ``value``, each one of ``names`` (else a usage error)."""
+    chosen = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(names))
+    if unknown:
+        parser.error(f"unknown {what}(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+    return chosen
 
 
 def finish_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace,
@@ -898,11 +883,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated implementations to run, metalab first "
                              f"(default: all: {','.join(names)})")
     args = parser.parse_args(argv)
-    args.impls = [name.strip() for name in args.impls.split(",") if name.strip()]
-    unknown = sorted(set(args.impls) - set(names))
-    if unknown:
-        parser.error(f"unknown implementation(s) {', '.join(unknown)}; choose from "
-                     f"{', '.join(names)}")
+    args.impls = parse_names(parser, args.impls, names, "implementation")
     if "metalab" not in args.impls:
         parser.error("--impls must include metalab (the reference of the check and ratios)")
     args.impls = ["metalab"] + [n for n in args.impls if n != "metalab"]

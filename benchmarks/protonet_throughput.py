@@ -298,6 +298,9 @@ def machine_info(threads: int) -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "threads_requested": threads,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+        "mkldnn": torch.backends.mkldnn.is_available(),
         "metalab": importlib.metadata.version("metalab"),
         "metalab_commit": commit,
     }
