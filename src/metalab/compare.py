@@ -113,6 +113,7 @@ def run_compare(
         raise ValueError(f"unknown algorithm(s) {', '.join(unknown)}; registered: "
                          f"{', '.join(sorted(ALGORITHMS))}.")
     configs = [suite_config(suite, name) for name in algorithms]
+    out = out / Path(suite).stem
     rows = []
     for config in configs:
         if steps is not None:
@@ -120,10 +121,9 @@ def run_compare(
             config.val_every = min(config.val_every, steps)
         print(f"== {config.algorithm}: {config.steps} steps on {config.dataset} "
               f"({config.n_way}-way {config.k_shot}-shot training)")
-        rows.append(_run_one(config, out / Path(suite).stem, fresh, progress))
+        rows.append(_run_one(config, out, fresh, progress))
     table = markdown_table(rows)
     print(table)
-    out = out / Path(suite).stem
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(table + "\n")
     (out / "table.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")
