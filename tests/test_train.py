@@ -125,3 +125,12 @@ def test_overrides_and_builtin_configs() -> None:
     with pytest.raises(FileNotFoundError, match="built-in configs:.*omniglot/protonet-5w1s"):
         load_config("omniglot/protonet-1w1s")
     assert Config().precision == "fp32"
+
+
+def test_time_budget_stops_training_and_keeps_a_validated_checkpoint(easy_data, tmp_path) -> None:
+    trainer = Trainer(easy_config(tmp_path, steps=10_000, time_budget=1e-9), progress=False)
+    state = trainer.fit()
+    assert state.step == 1  # the first step already spends the budget
+    assert read_checkpoint(tmp_path / "best.pt")["step"] == 1
+    with pytest.raises(ValueError, match="time_budget"):
+        Config.from_dict({"time_budget": -1})

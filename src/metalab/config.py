@@ -42,6 +42,7 @@ class Config:
     test_k_shot: int = 1
     test_q_query: int = 15
     steps: int = 1000
+    time_budget: float = 0.0  # >0: stop once training steps have taken this many seconds
     optimizer: str = "adam"  # "adam" or "sgd" (Reptile's plain interpolation)
     lr: float = 1e-3
     lr_decay: float = 0.5
@@ -71,6 +72,9 @@ class Config:
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {config.precision!r}.")
         if config.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config.optimizer!r}.")
+        if config.time_budget < 0:
+            raise ValueError(f"time_budget is in seconds and must be 0 (none) or positive, "
+                             f"got {config.time_budget}.")
         if config.task_chunk < 0:
             raise ValueError(f"task_chunk must be 0 (all tasks at once) or positive, "
                              f"got {config.task_chunk}.")

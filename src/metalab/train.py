@@ -180,7 +180,8 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     def fit(self) -> TrainState:
-        """Train until ``config.steps``; returns the final state. Raises TrainingDiverged."""
+        """Train until ``config.steps``, or until the training steps have taken
+        ``config.time_budget`` seconds; returns the final state. Raises TrainingDiverged."""
         cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", self.out / "config.json")
@@ -209,7 +210,9 @@ class Trainer:
 
             for key, value in {"loss": loss, **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + value
-            if self.state.step % cfg.log_every == 0 or self.state.step == cfg.steps:
+            last_step = (self.state.step == cfg.steps
+                         or 0 < cfg.time_budget <= self.state.train_seconds)
+            if self.state.step % cfg.log_every == 0 or last_step:
                 count = (self.state.step - 1) % cfg.log_every + 1
                 means = {k: v / count for k, v in sums.items()}
                 self._log({"step": self.state.step, "lr": self.scheduler.get_last_lr()[0],
@@ -218,8 +221,10 @@ class Trainer:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
                 sums = {}
             bar.update()
-            if self.state.step % cfg.val_every == 0 or self.state.step == cfg.steps:
+            if self.state.step % cfg.val_every == 0 or last_step:
                 self._validate_and_save()
+            if last_step:
+                break
         bar.close()
         return self.state
 
