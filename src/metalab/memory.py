@@ -1,0 +1,67 @@
+"""Peak memory of a block of work, measured in the running process.
+
+On CUDA the peak comes from the caching allocator (``torch.cuda.max_memory_allocated``). On
+the CPU it is the peak resident set size (Linux ``VmHWM``), whose high-water mark is reset on
+entry by writing ``5`` to ``/proc/self/clear_refs``; the figure is the peak above the resident
+size at entry, so what was loaded before (data, the model) is not counted. Elsewhere (macOS,
+Windows, a kernel refusing the reset) the CPU figure is ``None`` rather than a wrong number.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+__all__ = ["PeakMemory"]
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_kib(key: str) -> int:
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _reset_cpu_peak() -> bool:
+    try:
+        _CLEAR_REFS.write_text("5")
+        return _status_kib("VmHWM") <= _status_kib("VmRSS") + 4  # the reset took effect
+    except (OSError, KeyError):
+        return False
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as peak: ...`` then ``peak.mib``: the block's peak memory
+    above its starting level, in MiB (``None`` where it cannot be measured)."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.mib: float | None = None
+        self._start = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        elif _reset_cpu_peak():
+            self._start = _status_kib("VmRSS") * 1024
+        else:
+            self._start = -1
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._start >= 0:
+            peak = _status_kib("VmHWM") * 1024
+        else:
+            return
+        self.mib = max(peak - self._start, 0) / 2**20
