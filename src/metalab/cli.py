@@ -138,11 +138,21 @@ def _datasets(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from metalab.compare import run_compare
+    from metalab.compare import parse_budget, run_compare
 
-    algorithms = args.algorithms.split(",") if args.algorithms else None
-    run_compare(args.suite, algorithms=algorithms, steps=args.steps, out=Path(args.out),
-                fresh=args.fresh, progress=not args.quiet)
+    def numbers(text: str, kind: type, what: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise ValueError(f"{what} expects comma-separated numbers, got {text!r}.") from None
+
+    run_compare(
+        args.suite, algorithms=args.algorithms.split(",") if args.algorithms else None,
+        steps=args.steps, budget=parse_budget(args.budget) if args.budget else None,
+        out=Path(args.out), fresh=args.fresh, progress=not args.quiet,
+        shots=None if args.shots == "none" else numbers(args.shots, int, "--shots"),
+        shot_episodes=args.shot_episodes,
+        diversity=numbers(args.diversity, float, "--diversity") if args.diversity else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,11 +206,32 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--download", metavar="NAME", help="download a data set (omniglot)")
     ds.set_defaults(func=_datasets)
 
-    cmp = sub.add_parser("compare", help="train every algorithm on the same tasks and print a "
-                         "table of accuracy and adaptation latency")
-    cmp.add_argument("--suite", default="quick", help="quick (embedded glyphs, default)")
-    cmp.add_argument("--algorithms", help="comma-separated names (default: all registered)")
-    cmp.add_argument("--steps", type=int, help="meta-training steps per algorithm")
+    cmp = sub.add_parser(
+        "compare", help="train every algorithm on the same tasks; table, studies and plots",
+        description="Meta-train every selected algorithm on the same task distributions, "
+        "score each on the same fixed test episodes, and write one row per algorithm: score "
+        "± 95%% CI, training time and steps, adaptation and query latency, parameters, peak "
+        "memory while training and adapting, gradient steps to adapt. Also writes the shots "
+        "study, the optional task-diversity study, and plots (PNG + SVG).",
+        epilog="suites: quick (embedded glyphs + sinusoid, no download, minutes), "
+        "omniglot-5w1s, omniglot-20w1s (need Omniglot: metalab datasets), sinusoid; or a "
+        "YAML config file. Example: metalab compare --suite omniglot-5w1s --budget 5m "
+        "--algorithms protonet,maml,snail")
+    cmp.add_argument("--suite", default="quick", help="suite name or YAML config (quick)")
+    cmp.add_argument("--algorithms", help="comma-separated names (default: every registered "
+                     "algorithm that handles the suite's tasks)")
+    limit = cmp.add_mutually_exclusive_group()
+    limit.add_argument("--steps", type=int, help="meta-training steps for every algorithm "
+                       "(default: each config's own)")
+    limit.add_argument("--budget", help="meta-training time per algorithm instead of steps, "
+                       "e.g. 90s, 10m, 1h (results then depend on the machine's speed)")
+    cmp.add_argument("--shots", default="1,2,5,10", help="support sizes of the shots study, "
+                     "comma-separated, or 'none' (1,2,5,10)")
+    cmp.add_argument("--shot-episodes", type=int, default=200,
+                     help="test episodes per point of the shots study (200)")
+    cmp.add_argument("--diversity", nargs="?", const="0.1,0.25,0.5,1", metavar="FRACTIONS",
+                     help="also meta-train on these fractions of the meta-train alphabets "
+                     "(default when given alone: 0.1,0.25,0.5,1); retrains every algorithm")
     cmp.add_argument("--out", default="runs/compare", help="output folder (runs/compare)")
     cmp.add_argument("--fresh", action="store_true", help="retrain even if cached")
     cmp.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,11 +1,24 @@
 """``metalab compare``: every algorithm trained on the same tasks, scored on the same episodes.
 
-Each algorithm of a suite trains from the suite's config for that algorithm
-(``configs/<suite>/<algorithm>.yaml``, else the suite's ``default.yaml`` with the algorithm
-swapped in), then is evaluated on one fixed set of test episodes. One row per algorithm:
-family, accuracy (or MSE) ± 95% CI, meta-training time and steps, median adaptation and
-query latency, parameter count, gradient steps at adaptation. Results are cached per
-(algorithm, config): a rerun only prints, ``--fresh`` retrains.
+A suite is one or more task distributions ("parts"), each a built-in config pattern such as
+``quick/{}``: the algorithm's own config ``quick/<algorithm>`` if there is one, else
+``quick/default`` with the algorithm swapped in. Every registered algorithm that handles a
+part's kind of task (classification or regression) trains on it, then is scored on one fixed
+set of test episodes. One row per (part, algorithm):
+
+    family · score ± 95% CI · training time and steps · adaptation and query latency (median)
+    · parameters · peak memory while training and while adapting · gradient steps to adapt
+
+Two studies reuse the trained models or retrain them:
+
+* ``shots``: each classification model scored with 1, 2, 5, 10 support examples per class
+  (the claim that meta-learning needs fewer examples, measured);
+* ``diversity``: each model meta-trained on a fraction of the meta-train classes, chosen by
+  alphabet (the warning that too similar training tasks do not generalise, measured).
+
+Results are cached per run folder (named by a hash of the full config, seed included): a rerun
+only reads them, ``fresh=True`` retrains. Tables go to Markdown, CSV and JSON, and plots to PNG
+and SVG (:mod:`metalab.plots`).
 """
 
 from __future__ import annotations
@@ -13,17 +26,32 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from dataclasses import dataclass, fields
+import math
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from metalab.algorithms import ALGORITHMS
 from metalab.config import Config, builtin_configs, load_config
+from metalab.io import atomic_write_text
 
-__all__ = ["Row", "run_compare", "suite_config"]
+__all__ = ["Comparison", "Row", "parse_budget", "run_compare", "suite_parts"]
+
+# suite -> config patterns, one per task distribution; "{}" is the algorithm (or "default").
+SUITES: dict[str, tuple[str, ...]] = {
+    "quick": ("quick/{}", "quick/sinusoid-{}"),
+    "omniglot-5w1s": ("omniglot/{}-5w1s",),
+    "omniglot-20w1s": ("omniglot/{}-20w1s",),
+    "sinusoid": ("sinusoid/{}-k5", "sinusoid/{}-k10"),
+}
+ADAPT_MEMORY_EPISODES = 20  # test tasks adapted to while the adaptation peak is measured
 
 
 @dataclass
 class Row:
+    task: str
     algorithm: str
     family: str
     metric: str
@@ -34,102 +62,275 @@ class Row:
     adapt_ms: float
     query_ms: float
     parameters: int
+    train_peak_mib: float | None
+    adapt_peak_mib: float | None
     adapt_grad_steps: int
+    run_dir: str
 
 
-def suites() -> list[str]:
-    return sorted({name.split("/")[0] for name in builtin_configs()
-                   if name.endswith("/default")})
+@dataclass
+class Comparison:
+    """The table's rows and the studies' curves: ``shots[task][algorithm]`` and
+    ``diversity[task][algorithm]`` are lists of ``(x, mean, ci95)``."""
+
+    rows: list[Row]
+    shots: dict[str, dict[str, list[tuple[float, float, float]]]] = field(default_factory=dict)
+    diversity: dict[str, dict[str, list[tuple[float, float, float]]]] = field(
+        default_factory=dict)
+    files: list[Path] = field(default_factory=list)
 
 
-def suite_config(suite: str, algorithm: str) -> Config:
-    """The config ``algorithm`` trains with in ``suite``: a built-in suite, or a YAML config
-    file whose ``algorithm`` is replaced."""
+# -- suites ------------------------------------------------------------------------------------
+
+def suite_parts(suite: str) -> list[str]:
+    """The config patterns of ``suite``: a built-in suite's, or a YAML file (one part)."""
     if suite.endswith((".yaml", ".yml")):
         if not Path(suite).is_file():
             raise ValueError(f"no config file {suite}; give a built-in suite "
-                             f"({', '.join(suites())}) or an existing YAML config.")
-        return load_config(suite, [f"algorithm={algorithm}"])
-    names = builtin_configs()
-    if f"{suite}/default" not in names:
-        raise ValueError(f"unknown suite {suite!r}; available suites: {', '.join(suites())}, "
+                             f"({', '.join(SUITES)}) or an existing YAML config.")
+        return [suite]
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; available suites: {', '.join(SUITES)}, "
                          "or a YAML config file.")
-    if f"{suite}/{algorithm}" in names:
-        return load_config(f"{suite}/{algorithm}")
-    return load_config(f"{suite}/default", [f"algorithm={algorithm}"])
+    return list(SUITES[suite])
 
 
-def _run_one(config: Config, out: Path, fresh: bool, progress: bool) -> Row:
-    from metalab.train import Trainer, score_checkpoint
+def part_config(pattern: str, algorithm: str) -> Config:
+    """The config ``algorithm`` trains with on the part ``pattern``."""
+    if "{}" not in pattern:  # a user's YAML file
+        return load_config(pattern, [f"algorithm={algorithm}"])
+    own = pattern.format(algorithm)
+    if own in builtin_configs():
+        return load_config(own)
+    return load_config(pattern.format("default"), [f"algorithm={algorithm}"])
 
+
+def task_kind(config: Config) -> str:
+    from metalab.data import REGRESSION_SOURCES
+
+    return "regression" if config.dataset in REGRESSION_SOURCES else "classification"
+
+
+def task_label(config: Config) -> str:
+    """How the table names a part's tasks, e.g. ``glyphs 5-way 1-shot``."""
+    if task_kind(config) == "regression":
+        return f"{config.dataset} {config.test_k_shot}-shot"
+    return f"{config.dataset} {config.test_n_way}-way {config.test_k_shot}-shot"
+
+
+def parse_budget(text: str) -> float:
+    """Seconds in ``90``, ``90s``, ``10m``, ``1.5h``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not match or float(match[1]) <= 0:
+        raise ValueError(f"--budget expects a positive duration such as 90s, 10m or 1h; "
+                         f"got {text!r}.")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
+
+
+# -- one row -----------------------------------------------------------------------------------
+
+def _run_dir(config: Config, out: Path) -> Path:
     key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
-    run_dir = out / f"{config.algorithm}-{key}"
+    return out / f"{config.algorithm}-{config.dataset}-{key}"
+
+
+def _train_and_score(config: Config, run_dir: Path, progress: bool) -> Row:
+    from metalab.memory import PeakMemory
+    from metalab.tasks import fixed_episodes
+    from metalab.train import TEST_SEED, Trainer, score_checkpoint, task_sources
+
+    config.out = str(run_dir)
+    trainer = Trainer(config, progress=progress)
+    with PeakMemory(trainer.device) as train_peak:
+        state = trainer.fit()
+    algo, _, result = score_checkpoint(run_dir / "best.pt", progress=progress)
+    episodes = fixed_episodes(task_sources(config, config.test_split, train=False),
+                              ADAPT_MEMORY_EPISODES, TEST_SEED)
+    algo.eval()
+    with PeakMemory(trainer.device) as adapt_peak:
+        for batch in episodes:
+            batch = batch.to(trainer.device)
+            for i in range(len(batch)):
+                task = batch.task(i)
+                algo.adapt(task.support_x, task.support_y)
+    return Row(task=task_label(config), algorithm=config.algorithm, family=type(algo).family,
+               metric=result.metric, mean=result.mean, ci95=result.ci95,
+               train_seconds=state.train_seconds, train_steps=state.step,
+               adapt_ms=result.adapt_ms, query_ms=result.query_ms,
+               parameters=sum(p.numel() for p in algo.parameters()),
+               train_peak_mib=train_peak.mib, adapt_peak_mib=adapt_peak.mib,
+               adapt_grad_steps=algo.adaptation_steps(), run_dir=str(run_dir))
+
+
+def run_one(config: Config, out: Path, fresh: bool = False, progress: bool = True) -> Row:
+    """Train and score ``config`` in its run folder under ``out``, or read the cached row."""
+    run_dir = _run_dir(config, out)
     cached = run_dir / "row.json"
     if cached.exists() and not fresh:
         return Row(**json.loads(cached.read_text()))
-    config.out = str(run_dir)
-    trainer = Trainer(config, progress=progress)
-    state = trainer.fit()
-    algo, _, result = score_checkpoint(run_dir / "best.pt", progress=progress)
-    row = Row(algorithm=config.algorithm, family=type(algo).family, metric=result.metric,
-              mean=result.mean, ci95=result.ci95, train_seconds=state.train_seconds,
-              train_steps=state.step, adapt_ms=result.adapt_ms, query_ms=result.query_ms,
-              parameters=sum(p.numel() for p in algo.parameters()),
-              adapt_grad_steps=algo.adaptation_steps())
-    from metalab.io import atomic_write_text
-
-    atomic_write_text(json.dumps(row.__dict__, indent=2) + "\n", cached)
+    row = _train_and_score(config, run_dir, progress)
+    atomic_write_text(json.dumps(asdict(row), indent=2) + "\n", cached)
     return row
 
 
-def markdown_table(rows: list[Row]) -> str:
-    lines = ["| algorithm | family | score ± 95% CI | train (s / steps) | adapt ms | query ms "
-             "| params | adapt grad steps |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        unit = "%" if r.metric == "accuracy" else " MSE"
-        lines.append(f"| {r.algorithm} | {r.family} | {r.mean:.2f}{unit} ± {r.ci95:.2f} | "
-                     f"{r.train_seconds:.0f} / {r.train_steps} | {r.adapt_ms:.2f} | "
-                     f"{r.query_ms:.2f} | {r.parameters:,} | {r.adapt_grad_steps} |")
-    return "\n".join(lines)
+# -- studies -----------------------------------------------------------------------------------
+
+def _cached_json(path: Path, fresh: bool, compute: Callable[[], Any]) -> Any:
+    if path.exists() and not fresh:
+        return json.loads(path.read_text())
+    value = compute()
+    atomic_write_text(json.dumps(value, indent=2) + "\n", path)
+    return value
+
+
+def shots_curve(row: Row, shots: list[int], episodes: int, fresh: bool = False,
+                progress: bool = False) -> list[tuple[float, float, float]]:
+    """``row``'s trained model scored with each number of support examples per class."""
+    from metalab.train import score_checkpoint
+
+    def score(k: int) -> list[float]:
+        _, _, result = score_checkpoint(Path(row.run_dir) / "best.pt", {"test_k_shot": k},
+                                        episodes=episodes, progress=progress)
+        return [k, result.mean, result.ci95]
+
+    return [tuple(_cached_json(Path(row.run_dir) / f"shots-{k}-{episodes}.json", fresh,
+                               lambda k=k: score(k))) for k in shots]
+
+
+def diversity_curve(config: Config, row: Row, fractions: list[float], out: Path,
+                    fresh: bool = False, progress: bool = False,
+                    ) -> list[tuple[float, float, float]]:
+    """Test score after meta-training on each fraction of the meta-train classes."""
+    curve = []
+    for fraction in fractions:
+        if fraction >= 1.0:
+            curve.append((1.0, row.mean, row.ci95))
+            continue
+        subset = Config.from_dict({**config.to_dict(), "train_fraction": fraction})
+        print(f"   diversity: {config.algorithm} on {fraction:.0%} of the meta-train classes")
+        scored = run_one(subset, out / "diversity", fresh, progress)
+        curve.append((fraction, scored.mean, scored.ci95))
+    return curve
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+def _selected(configs_by_part: dict[str, Config], algorithms: list[str] | None,
+              ) -> list[tuple[str, str]]:
+    """(part, algorithm) pairs to run: each algorithm on every part of a kind it handles."""
+    if algorithms:
+        unknown = [a for a in algorithms if a not in ALGORITHMS]
+        if unknown:
+            raise ValueError(f"unknown algorithm(s) {', '.join(unknown)}; registered: "
+                             f"{', '.join(sorted(ALGORITHMS))}.")
+    names = algorithms or sorted(ALGORITHMS)
+    pairs = [(part, name) for part, config in configs_by_part.items() for name in names
+             if task_kind(config) in ALGORITHMS[name].kinds]
+    unmatched = sorted(set(names) - {name for _, name in pairs})
+    if algorithms and unmatched:
+        kinds = sorted({task_kind(c) for c in configs_by_part.values()})
+        raise ValueError(f"{', '.join(unmatched)} cannot learn this suite's tasks "
+                         f"({', '.join(kinds)}); choose algorithms for those tasks.")
+    return pairs
 
 
 def run_compare(
     suite: str = "quick", algorithms: list[str] | None = None, steps: int | None = None,
-    out: Path = Path("runs/compare"), fresh: bool = False, progress: bool = True,
-) -> list[Row]:
-    """Train and score each algorithm of ``suite``; print and write the table.
+    budget: float | None = None, out: Path = Path("runs/compare"), fresh: bool = False,
+    progress: bool = True, shots: list[int] | None = None, shot_episodes: int = 200,
+    diversity: list[float] | None = None, plots: bool = True,
+) -> Comparison:
+    """Train and score each algorithm on each part of ``suite``; print and write the table,
+    run the requested studies and draw the plots.
 
-    ``algorithms`` defaults to every registered algorithm that handles the suite's tasks.
+    ``algorithms`` defaults to every registered algorithm, each on the parts whose kind of
+    task it handles. ``steps`` fixes the training steps of every algorithm; ``budget``
+    (seconds) instead trains each one for that long, whatever its config's steps.
     """
-    if not algorithms:
-        from metalab.data import REGRESSION_SOURCES
-
-        dataset = suite_config(suite, "protonet").dataset  # any name: only the data is read
-        kind = "regression" if dataset in REGRESSION_SOURCES else "classification"
-        algorithms = sorted(n for n, c in ALGORITHMS.items() if kind in c.kinds)
-    unknown = [a for a in algorithms if a not in ALGORITHMS]
-    if unknown:
-        raise ValueError(f"unknown algorithm(s) {', '.join(unknown)}; registered: "
-                         f"{', '.join(sorted(ALGORITHMS))}.")
-    configs = [suite_config(suite, name) for name in algorithms]
+    parts = suite_parts(suite)
+    defaults = {part: part_config(part, "protonet") for part in parts}  # only data is read
+    pairs = _selected(defaults, algorithms)
     out = out / Path(suite).stem
-    rows = []
-    for config in configs:
+    comparison = Comparison(rows=[])
+    for part, name in pairs:
+        config = part_config(part, name)
         if steps is not None:
-            config.steps = steps
-            config.val_every = min(config.val_every, steps)
-        print(f"== {config.algorithm}: {config.steps} steps on {config.dataset} "
-              f"({config.n_way}-way {config.k_shot}-shot training)")
-        rows.append(_run_one(config, out, fresh, progress))
-    table = markdown_table(rows)
-    print(table)
+            config.steps, config.val_every = steps, min(config.val_every, steps)
+        if budget is not None:
+            config.steps, config.time_budget = 10**9, budget
+        limit = f"{budget:.0f} s" if budget is not None else f"{config.steps} steps"
+        print(f"== {name} on {task_label(config)}: {limit} of meta-training")
+        row = run_one(config, out, fresh, progress)
+        comparison.rows.append(row)
+        if shots and task_kind(config) == "classification":
+            comparison.shots.setdefault(row.task, {})[name] = shots_curve(
+                row, shots, shot_episodes, fresh)
+        if diversity and task_kind(config) == "classification":
+            comparison.diversity.setdefault(row.task, {})[name] = diversity_curve(
+                config, row, diversity, out, fresh, progress)
+
+    print(markdown_table(comparison.rows))
+    comparison.files = write_outputs(comparison, out, plots)
+    print("wrote " + ", ".join(str(p) for p in comparison.files))
+    return comparison
+
+
+# -- outputs -------------------------------------------------------------------------------------
+
+def _mib(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.0f}"
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = ["| task | algorithm | family | score ± 95% CI | train s / steps | adapt ms | "
+             "query ms | params | train peak MiB | adapt peak MiB | adapt grad steps |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        score = (f"{r.mean:.2f}% ± {r.ci95:.2f}" if r.metric == "accuracy"
+                 else f"{r.mean:.3f} ± {r.ci95:.3f} MSE")
+        lines.append(f"| {r.task} | {r.algorithm} | {r.family} | {score} | "
+                     f"{r.train_seconds:.0f} / {r.train_steps} | {r.adapt_ms:.2f} | "
+                     f"{r.query_ms:.2f} | {r.parameters:,} | {_mib(r.train_peak_mib)} | "
+                     f"{_mib(r.adapt_peak_mib)} | {r.adapt_grad_steps} |")
+    return "\n".join(lines)
+
+
+def _curves_csv(curves: dict[str, dict[str, list]], x_name: str) -> str:
+    lines = [f"task,algorithm,{x_name},mean,ci95"]
+    for task, by_algorithm in curves.items():
+        for name, curve in by_algorithm.items():
+            lines += [f"{task},{name},{x},{mean},{ci}" for x, mean, ci in curve]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(comparison: Comparison, out: Path, plots: bool = True) -> list[Path]:
+    """The table as Markdown, CSV and JSON, the studies as CSV, and the plots."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(table + "\n")
-    (out / "table.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")
+    rows = comparison.rows
+    atomic_write_text(markdown_table(rows) + "\n", out / "table.md")
+    atomic_write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n",
+                      out / "table.json")
     with open(out / "table.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[f.name for f in fields(Row)])
         writer.writeheader()
-        writer.writerows(r.__dict__ for r in rows)
-    print(f"wrote {out / 'table.md'}, table.csv and table.json")
-    return rows
+        writer.writerows(asdict(r) for r in rows)
+    files = [out / "table.md", out / "table.csv", out / "table.json"]
+    if comparison.shots:
+        atomic_write_text(_curves_csv(comparison.shots, "shots"), out / "shots.csv")
+        files.append(out / "shots.csv")
+    if comparison.diversity:
+        atomic_write_text(_curves_csv(comparison.diversity, "train_fraction"),
+                          out / "diversity.csv")
+        files.append(out / "diversity.csv")
+    if plots:
+        from metalab import plots as draw
+
+        files += draw.score_vs_latency(rows, out / "score_vs_latency")
+        files += draw.learning_curves(rows, out / "learning_curves")
+        if comparison.shots:
+            files += draw.curves(comparison.shots, "support examples per class",
+                                 out / "shots", log_x=True)
+        if comparison.diversity:
+            files += draw.curves(comparison.diversity, "fraction of meta-train classes",
+                                 out / "diversity", log_x=True)
+    return files

@@ -31,6 +31,7 @@ class Config:
     dataset_options: dict[str, Any] = field(default_factory=dict)
     data_dir: str | None = None
     train_split: str = "train"
+    train_fraction: float = 1.0  # <1: meta-train on this share of the train split's alphabets
     val_split: str = "val"
     test_split: str = "test"
     n_way: int = 5
@@ -72,6 +73,9 @@ class Config:
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {config.precision!r}.")
         if config.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config.optimizer!r}.")
+        if not 0 < config.train_fraction <= 1:
+            raise ValueError(f"train_fraction is a share of the meta-train classes in (0, 1], "
+                             f"got {config.train_fraction}.")
         if config.time_budget < 0:
             raise ValueError(f"time_budget is in seconds and must be 0 (none) or positive, "
                              f"got {config.time_budget}.")

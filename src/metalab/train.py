@@ -68,8 +68,9 @@ def task_sources(config: Config, split: str, train: bool) -> TaskSource:
     """The task source of ``split`` with the training or the test episode sizes."""
     sizes = ((config.n_way, config.k_shot, config.q_query) if train else
              (config.test_n_way, config.test_k_shot, config.test_q_query))
+    fraction = config.train_fraction if train else 1.0
     return data.task_source(config.dataset, split, *sizes, data_dir=config.data_dir,
-                            **config.dataset_options)
+                            class_fraction=fraction, seed=config.seed, **config.dataset_options)
 
 
 def task_spec(config: Config, train_source: TaskSource) -> TaskSpec:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from metalab.data import folders, glyphs, omniglot, sinusoid
 from metalab.data.paths import DataNotFoundError, data_dirs
 from metalab.tasks import ClassDataset, EpisodeSampler, TaskSource
@@ -19,6 +21,7 @@ __all__ = [
     "DataNotFoundError",
     "data_dirs",
     "image_format",
+    "keep_alphabets",
     "load_dataset",
     "task_source",
 ]
@@ -41,12 +44,42 @@ def load_dataset(
 
 def task_source(
     name: str, split: str, n_way: int, k_shot: int, q_query: int,
-    data_dir: str | os.PathLike | None = None, **options: object,
+    data_dir: str | os.PathLike | None = None, class_fraction: float = 1.0, seed: int = 0,
+    **options: object,
 ) -> TaskSource:
-    """Episodes of ``name``/``split``: N-way K-shot Q-query, or K-shot regression tasks."""
+    """Episodes of ``name``/``split``: N-way K-shot Q-query, or K-shot regression tasks.
+
+    ``class_fraction`` < 1 keeps that share of the split's alphabets (chosen by ``seed``).
+    """
     if name in REGRESSION_SOURCES:
+        if class_fraction < 1:
+            raise ValueError(f"{name} tasks have no classes to keep a fraction of; "
+                             "train_fraction applies to class data sets only.")
         return REGRESSION_SOURCES[name].tasks(split, k_shot=k_shot, q_query=q_query, **options)
-    return EpisodeSampler(load_dataset(name, split, data_dir, **options), n_way, k_shot, q_query)
+    dataset = load_dataset(name, split, data_dir, **options)
+    if class_fraction < 1:
+        dataset = keep_alphabets(dataset, class_fraction, seed)
+    return EpisodeSampler(dataset, n_way, k_shot, q_query)
+
+
+def keep_alphabets(dataset: ClassDataset, fraction: float, seed: int) -> ClassDataset:
+    """The classes of a random ``fraction`` of ``dataset``'s alphabets (at least one).
+
+    A class's alphabet is the first part of its name (``alphabet/character``; Omniglot's
+    rotations of a character stay with it); names without a ``/`` are their own alphabet.
+    Whole alphabets are kept so that a smaller fraction means less diverse tasks, not only
+    fewer of them.
+    """
+    alphabets = sorted({name.split("/")[0] for name in dataset.names})
+    count = max(1, round(fraction * len(alphabets)))
+    order = torch.randperm(len(alphabets), generator=torch.Generator().manual_seed(seed))
+    kept = {alphabets[i] for i in order[:count].tolist()}
+    index = [c for c, name in enumerate(dataset.names) if name.split("/")[0] in kept]
+    if len(index) < 2:
+        raise ValueError(f"train_fraction={fraction} keeps {len(index)} class(es) of "
+                         f"{dataset.num_classes}; raise it so episodes can be drawn.")
+    return ClassDataset(dataset.data[index], [dataset.names[c] for c in index],
+                        dataset.counts[index], dataset.group)
 
 
 def image_format(name: str) -> dict[str, bool]:

@@ -1,0 +1,149 @@
+"""The comparison's figures (matplotlib, written as PNG and SVG).
+
+* :func:`score_vs_latency`: one point per algorithm, score ± 95% CI against the median
+  adaptation latency per new task, coloured by family; one panel per kind of task.
+* :func:`learning_curves`: validation score against meta-training time, from each run's
+  ``log.jsonl``.
+* :func:`curves`: a study's curves (score against shots, or against the fraction of
+  meta-train classes), one panel per kind of task.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed, safe in threads and on servers
+import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from metalab.compare import Row
+
+__all__ = ["curves", "learning_curves", "score_vs_latency"]
+
+FAMILY_COLOURS = {"metric": "tab:blue", "optimization": "tab:orange", "model": "tab:green",
+                  "baseline": "tab:gray"}
+MARKERS = "osD^vP*Xh<>p"
+
+
+def _score_label(metric: str) -> str:
+    return "accuracy (%)" if metric == "accuracy" else "MSE (lower is better)"
+
+
+def _panels(count: int, width: float = 6.4) -> tuple[Figure, list[Axes]]:
+    fig, axes = plt.subplots(1, count, figsize=(width * count, 4.8), squeeze=False)
+    return fig, list(axes[0])
+
+
+def _plain_log(ax: Axes, which: str) -> None:
+    """A log-scale ``which`` axis ("x" or "y") labelled 0.5, 1, 2 rather than 5x10^-1."""
+    getattr(ax, f"set_{which}scale")("log")
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _save(fig: Figure, stem: Path) -> list[Path]:
+    fig.tight_layout()
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    fig.savefig(paths[0], dpi=150)
+    fig.savefig(paths[1])
+    plt.close(fig)
+    return paths
+
+
+def _by_task(rows: Sequence[Row]) -> dict[str, list[Row]]:
+    tasks: dict[str, list[Row]] = {}
+    for row in rows:
+        tasks.setdefault(row.task, []).append(row)
+    return tasks
+
+
+def score_vs_latency(rows: Sequence[Row], stem: Path) -> list[Path]:
+    """Score ± 95% CI against median adaptation latency (log scale), one point per algorithm."""
+    tasks = _by_task(rows)
+    fig, axes = _panels(len(tasks))
+    for ax, (task, task_rows) in zip(axes, tasks.items(), strict=True):
+        for row in task_rows:
+            ax.errorbar(row.adapt_ms, row.mean, yerr=row.ci95, fmt="o", capsize=3,
+                        color=FAMILY_COLOURS.get(row.family, "black"))
+            ax.annotate(row.algorithm, (row.adapt_ms, row.mean), xytext=(5, 4),
+                        textcoords="offset points", fontsize=8)
+        _plain_log(ax, "x")
+        ax.set_xlabel("adaptation latency per new task (ms, median, log scale)")
+        ax.set_ylabel(_score_label(task_rows[0].metric))
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        handles = [plt.Line2D([], [], color=FAMILY_COLOURS[f], marker="o", linestyle="",
+                              label=f) for f in FAMILY_COLOURS
+                   if any(r.family == f for r in task_rows)]
+        ax.legend(handles=handles, title="family", fontsize=8, loc="best")
+    return _save(fig, stem)
+
+
+def _validation_curve(run_dir: Path) -> tuple[list[float], list[float], str]:
+    seconds, scores, metric = [], [], ""
+    log = run_dir / "log.jsonl"
+    for line in log.read_text().splitlines() if log.exists() else []:
+        record = json.loads(line)
+        key = next((k for k in record if k.startswith("val_") and k != "val_ci95"), None)
+        if key:
+            seconds.append(record["train_seconds"])
+            scores.append(record[key])
+            metric = key.removeprefix("val_")
+    return seconds, scores, metric
+
+
+def learning_curves(rows: Sequence[Row], stem: Path) -> list[Path]:
+    """Validation score against meta-training time for every row's run."""
+    tasks = _by_task(rows)
+    fig, axes = _panels(len(tasks))
+    for ax, (task, task_rows) in zip(axes, tasks.items(), strict=True):
+        for i, row in enumerate(task_rows):
+            seconds, scores, _ = _validation_curve(Path(row.run_dir))
+            ax.plot(seconds, scores, marker=MARKERS[i % len(MARKERS)], markersize=4,
+                    color=FAMILY_COLOURS.get(row.family, "black"), label=row.algorithm,
+                    alpha=0.85)
+        ax.set_xlabel("meta-training time (s)")
+        ax.set_ylabel("validation " + _score_label(task_rows[0].metric))
+        if task_rows[0].metric != "accuracy":
+            _plain_log(ax, "y")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2, loc="best")
+    return _save(fig, stem)
+
+
+def curves(
+    data: dict[str, dict[str, list[tuple[float, float, float]]]], x_label: str, stem: Path,
+    log_x: bool = False,
+) -> list[Path]:
+    """``data[task][algorithm]`` = [(x, mean, ci95), ...] as lines with CI bands."""
+    fig, axes = _panels(len(data))
+    for ax, (task, by_algorithm) in zip(axes, data.items(), strict=True):
+        for i, (name, curve) in enumerate(by_algorithm.items()):
+            x, mean, ci = zip(*curve, strict=True)
+            line, = ax.plot(x, mean, marker=MARKERS[i % len(MARKERS)], markersize=4,
+                            label=name)
+            ax.fill_between(x, [m - c for m, c in zip(mean, ci, strict=True)],
+                            [m + c for m, c in zip(mean, ci, strict=True)],
+                            color=line.get_color(), alpha=0.12)
+        if log_x:
+            _plain_log(ax, "x")
+            xs = sorted({point[0] for curve in by_algorithm.values() for point in curve})
+            ax.set_xticks(xs, [f"{v:g}" for v in xs])
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2, loc="best")
+    return _save(fig, stem)
