@@ -130,7 +130,11 @@ def parse_budget(text: str) -> float:
 # -- one row -----------------------------------------------------------------------------------
 
 def _run_dir(config: Config, out: Path) -> Path:
-    key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    """The run's folder, named by a hash of the config's non-default values (so a config
+    field added later, at its default, keeps the caches of earlier runs valid)."""
+    default = Config().to_dict()
+    changed = {k: v for k, v in config.to_dict().items() if v != default[k] and k != "out"}
+    key = hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:10]
     return out / f"{config.algorithm}-{config.dataset}-{key}"
 
 
@@ -166,8 +170,8 @@ def run_one(config: Config, out: Path, fresh: bool = False, progress: bool = Tru
     """Train and score ``config`` in its run folder under ``out``, or read the cached row."""
     run_dir = _run_dir(config, out)
     cached = run_dir / "row.json"
-    if cached.exists() and not fresh:
-        return Row(**json.loads(cached.read_text()))
+    if cached.exists() and not fresh:  # run_dir: where the folder is now, if it was moved
+        return Row(**{**json.loads(cached.read_text()), "run_dir": str(run_dir)})
     row = _train_and_score(config, run_dir, progress)
     atomic_write_text(json.dumps(asdict(row), indent=2) + "\n", cached)
     return row

@@ -31,7 +31,15 @@ __all__ = ["curves", "learning_curves", "score_vs_latency"]
 
 FAMILY_COLOURS = {"metric": "tab:blue", "optimization": "tab:orange", "model": "tab:green",
                   "baseline": "tab:gray"}
-MARKERS = "osD^vP*Xh<>p"
+MARKERS = "osD^vP*Xh<>pd"
+LINE_COLOURS = [plt.get_cmap("tab20")(i) for i in range(0, 20, 2)] + [
+    plt.get_cmap("tab20")(i) for i in range(1, 20, 2)]  # 20 distinct colours, strong first
+
+
+def _style(i: int) -> dict[str, object]:
+    """Line ``i``'s colour and marker: no two of a panel's first 20 lines look alike."""
+    return {"color": LINE_COLOURS[i % len(LINE_COLOURS)], "marker": MARKERS[i % len(MARKERS)],
+            "markersize": 4}
 
 
 def _score_label(metric: str) -> str:
@@ -68,6 +76,27 @@ def _by_task(rows: Sequence[Row]) -> dict[str, list[Row]]:
     return tasks
 
 
+def _label_points(ax: Axes, points: list[tuple[float, float, str]]) -> None:
+    """Name each point; a label that would overlap one already placed moves down or up."""
+    ax.autoscale_view()
+    points_per_pixel = 72 / ax.figure.dpi
+    placed: list[tuple[float, float, float]] = []  # x, y, width of each label, in points
+    offsets = [0.0] + [sign * 9.0 * k for k in range(1, 8) for sign in (-1, 1)]
+    for x, y, text in sorted(points, key=lambda point: -point[1]):
+        px, py = (v * points_per_pixel for v in ax.transData.transform((x, y)))
+        width = 5.0 * len(text)
+
+        def free(dy: float, px: float = px, py: float = py, width: float = width) -> bool:
+            return all(abs(py + dy - qy) >= 9 or px + width < qx or qx + w < px
+                       for qx, qy, w in placed)
+
+        dy = next((d for d in offsets if free(d)), 0.0)
+        placed.append((px, py + dy, width))
+        leader = {"arrowprops": {"arrowstyle": "-", "lw": 0.5, "color": "0.5"}} if dy else {}
+        ax.annotate(text, (x, y), xytext=(6, dy - 3), textcoords="offset points", fontsize=8,
+                    **leader)
+
+
 def score_vs_latency(rows: Sequence[Row], stem: Path) -> list[Path]:
     """Score ± 95% CI against median adaptation latency (log scale), one point per algorithm."""
     tasks = _by_task(rows)
@@ -76,9 +105,8 @@ def score_vs_latency(rows: Sequence[Row], stem: Path) -> list[Path]:
         for row in task_rows:
             ax.errorbar(row.adapt_ms, row.mean, yerr=row.ci95, fmt="o", capsize=3,
                         color=FAMILY_COLOURS.get(row.family, "black"))
-            ax.annotate(row.algorithm, (row.adapt_ms, row.mean), xytext=(5, 4),
-                        textcoords="offset points", fontsize=8)
         _plain_log(ax, "x")
+        _label_points(ax, [(r.adapt_ms, r.mean, r.algorithm) for r in task_rows])
         ax.set_xlabel("adaptation latency per new task (ms, median, log scale)")
         ax.set_ylabel(_score_label(task_rows[0].metric))
         ax.set_title(task)
@@ -110,9 +138,7 @@ def learning_curves(rows: Sequence[Row], stem: Path) -> list[Path]:
     for ax, (task, task_rows) in zip(axes, tasks.items(), strict=True):
         for i, row in enumerate(task_rows):
             seconds, scores, _ = _validation_curve(Path(row.run_dir))
-            ax.plot(seconds, scores, marker=MARKERS[i % len(MARKERS)], markersize=4,
-                    color=FAMILY_COLOURS.get(row.family, "black"), label=row.algorithm,
-                    alpha=0.85)
+            ax.plot(seconds, scores, label=f"{row.algorithm} ({row.family})", **_style(i))
         ax.set_xlabel("meta-training time (s)")
         ax.set_ylabel("validation " + _score_label(task_rows[0].metric))
         if task_rows[0].metric != "accuracy":
@@ -132,8 +158,7 @@ def curves(
     for ax, (task, by_algorithm) in zip(axes, data.items(), strict=True):
         for i, (name, curve) in enumerate(by_algorithm.items()):
             x, mean, ci = zip(*curve, strict=True)
-            line, = ax.plot(x, mean, marker=MARKERS[i % len(MARKERS)], markersize=4,
-                            label=name)
+            line, = ax.plot(x, mean, label=name, **_style(i))
             ax.fill_between(x, [m - c for m, c in zip(mean, ci, strict=True)],
                             [m + c for m, c in zip(mean, ci, strict=True)],
                             color=line.get_color(), alpha=0.12)
