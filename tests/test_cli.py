@@ -29,7 +29,7 @@ def test_train_writes_checkpoints_log_and_test_score(trained, capsys) -> None:
     out, _ = trained
     record = json.loads((out / "test.json").read_text())
     assert record["algorithm"] == "protonet" and record["episodes"] == 50
-    assert record["mean"] > 60 and 0 < record["ci95"] < 15
+    assert record["mean"] > 60 and 0 <= record["ci95"] < 15  # 0 when every episode is right
     assert record["adapt_ms"] > 0 and record["query_ms"] > 0
     lines = [json.loads(line) for line in (out / "log.jsonl").open()]
     assert lines[-1]["step"] == 40 and any("val_accuracy" in line for line in lines)

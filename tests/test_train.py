@@ -51,7 +51,7 @@ def test_checkpoints_load_safely_and_reproduce_the_model(easy_data, tmp_path) ->
     algo, config = load_checkpoint(tmp_path / "last.pt")
     assert not algo.training and config.steps == 20
     a = trainer.algo.state_dict()
-    assert all(torch.equal(a[k], v) for k, v in algo.state_dict().items())
+    assert all(torch.equal(a[k].cpu(), v) for k, v in algo.state_dict().items())
 
 
 def test_learns_the_easy_task(easy_data, tmp_path) -> None:

@@ -21,16 +21,37 @@ EPILOG_CONFIGS = "built-in configs (use the name or a path to your own YAML): {}
 
 
 def _train(args: argparse.Namespace) -> None:
+    """Train, then score best.pt on the test split. Under torchrun (several processes), the
+    processes form a group for the training (see metalab.distributed); rank 0 alone prints,
+    writes and scores the test split."""
+    from metalab import distributed
     from metalab.config import load_config
-    from metalab.train import Trainer, score_checkpoint
+    from metalab.train import resolve_device
 
     overrides = list(args.set) + ([f"out={args.out}"] if args.out else [])
     config = load_config(args.config, overrides)
+    with distributed.process_group(resolve_device(config.device)):
+        _train_in_group(args, config)
+
+
+def _train_in_group(args: argparse.Namespace, config: Config) -> None:
+    from metalab import distributed
+    from metalab.train import Trainer, score_checkpoint
+
     trainer = Trainer(config, progress=not args.quiet)
+    main_rank = distributed.rank() == 0
+    # After a lost worker, torchrun (--max-restarts) starts every worker again: they continue
+    # from the job's last checkpoint, or start afresh if it had written none.
     if args.resume:
         trainer.resume()
-        print(f"resumed {config.out}/last.pt at step {trainer.state.step}")
+        resumed = True
+    else:
+        resumed = distributed.restarted() and trainer.resume_restarted()
+    if resumed and main_rank:
+        print(f"resumed {config.out}/last.pt at step {trainer.state.step}", flush=True)
     state = trainer.fit()
+    if not main_rank:
+        return
     metric = "accuracy (%)" if trainer.kind == "classification" else "mse"
     print(f"trained {state.step} steps in {state.train_seconds:.0f} s; "
           f"best validation {metric} {state.best:.2f}")
@@ -173,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "--set algorithm_options.metric=cosine")
     train.add_argument("--out", help="output folder (default: the config's 'out')")
     train.add_argument("--resume", action="store_true",
-                       help="continue from <out>/last.pt exactly where it stopped")
+                       help="continue from <out>/last.pt exactly where it stopped (under "
+                       "torchrun --max-restarts, restarted workers resume by themselves)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=_train)
 

@@ -51,6 +51,7 @@ class Config:
     weight_decay: float = 0.0
     grad_clip: float | None = None
     val_every: int = 250
+    checkpoint_every: int = 0  # >0: also write last.pt every this many steps (restarts lose less)
     val_episodes: int = 200
     test_episodes: int = 600
     log_every: int = 10
@@ -79,6 +80,9 @@ class Config:
         if config.time_budget < 0:
             raise ValueError(f"time_budget is in seconds and must be 0 (none) or positive, "
                              f"got {config.time_budget}.")
+        if config.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every is in steps and must be 0 (at validation only) "
+                             f"or positive, got {config.checkpoint_every}.")
         if config.task_chunk < 0:
             raise ValueError(f"task_chunk must be 0 (all tasks at once) or positive, "
                              f"got {config.task_chunk}.")

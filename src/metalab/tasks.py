@@ -15,6 +15,7 @@ machine.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Protocol
 
@@ -28,7 +29,9 @@ __all__ = [
     "TaskBatch",
     "TaskSource",
     "fixed_episodes",
+    "sample_tasks",
     "step_generator",
+    "task_generator",
 ]
 
 
@@ -119,6 +122,23 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     makes a resumed run draw exactly the tasks an uninterrupted run would.
     """
     return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+
+
+def task_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """The generator of task ``index`` of training step ``step`` of a run seeded ``seed``.
+
+    Every task of a meta-batch has its own stream, so a process that trains on some of a
+    step's tasks draws exactly those tasks, whatever the other processes draw: a run split
+    over several processes sees the tasks of a run in one. Distinct for ``index`` < 1,000,033.
+    """
+    return torch.Generator().manual_seed(
+        ((seed * 1_000_003 + step) * 1_000_033 + index) % (2**63 - 1))
+
+
+def sample_tasks(source: TaskSource, seed: int, step: int, indices: Iterable[int]) -> TaskBatch:
+    """Tasks ``indices`` of training step ``step``'s meta-batch, each drawn from its own
+    :func:`task_generator`, stacked in the order given."""
+    return TaskBatch.stack([source.sample(1, task_generator(seed, step, i)) for i in indices])
 
 
 @dataclass

@@ -3,14 +3,19 @@
 The loop reads top to bottom::
 
     for step in range(start, steps):
-        batch = train_tasks.sample(tasks_per_batch, step_generator(seed, step))
+        batch = sample_tasks(train_tasks, seed, step, share)  # task i: (seed, step, i)
         loss, metrics = meta_backward(algo, batch)   # algo.meta_loss(batch), then backward
+        (several processes: one all-reduce adds the ranks' gradients, weighted by share)
         optimizer.step()
         every val_every steps: score fixed validation episodes, write last.pt (and best.pt)
 
-Every step's tasks come from a generator seeded by ``(seed, step)``, so ``--resume`` from
-``last.pt`` continues exactly the trajectory of an uninterrupted run. Checkpoints are written
-atomically and loaded with ``weights_only=True``.
+Task ``i`` of step ``s`` comes from a generator seeded by ``(seed, s, i)``, so ``--resume``
+from ``last.pt`` continues exactly the trajectory of an uninterrupted run, and a run split over
+``P`` processes (torchrun, :mod:`metalab.distributed`), where each process draws only its
+``share`` of the tasks, trains on exactly the tasks of a one-process run with the same
+``tasks_per_batch``. (Earlier versions drew a whole step from one generator seeded by
+``(seed, s)``: the same seed now gives other tasks than it did then.) Checkpoints are written
+atomically, by rank 0 alone, and loaded with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from metalab import data
+from metalab import data, distributed
 from metalab.algorithms import ALGORITHMS, MetaLearner, TaskSpec, build_algorithm
+from metalab.algorithms.pertask import each_task
 from metalab.config import Config
 from metalab.evaluate import EvalResult, evaluate
 from metalab.io import atomic_save, atomic_write_text
 from metalab.models import build_backbone
-from metalab.tasks import TaskBatch, TaskSource, fixed_episodes, step_generator
+from metalab.tasks import TaskBatch, TaskSource, fixed_episodes, sample_tasks
 
 __all__ = [
     "TEST_SEED",
@@ -101,17 +107,29 @@ class TrainState:
 
 class Trainer:
     """Trains ``config``'s algorithm, writing ``log.jsonl``, ``last.pt`` and ``best.pt`` to
-    ``config.out``."""
+    ``config.out``.
+
+    In a process group (torchrun, see :mod:`metalab.distributed`) every rank trains on its
+    share of each step's tasks and the ranks take identical optimiser steps; rank 0 alone
+    logs, shows progress and writes checkpoints, and validation is shared out between ranks.
+    """
 
     def __init__(self, config: Config, progress: bool = True) -> None:
         self.config = config
-        self.progress = progress
-        self.device = resolve_device(config.device)
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.share = distributed.task_share(config.tasks_per_batch, self.rank, self.world_size)
+        self.progress = progress and self.rank == 0
+        self.device = distributed.local_device(resolve_device(config.device))
+        if self.device.type == "cuda":  # same seed, same weights: no autotuned, racy kernels
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         self.out = Path(config.out)
         self.train_tasks = task_sources(config, config.train_split, train=True)
         self.kind = self.train_tasks.kind
         self.spec = task_spec(config, self.train_tasks)
         self.algo = build(config, self.spec).to(self.device)
+        # build() seeds every rank alike; copying rank 0's weights makes sure of it.
+        distributed.broadcast_tensors_(
+            [t for t in self.algo.state_dict().values() if t.is_floating_point()])
         optimizers = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
         self.optimizer = optimizers[config.optimizer](
             self.algo.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -137,22 +155,57 @@ class Trainer:
             "best": self.state.best,
             "train_seconds": self.state.train_seconds,
             "cpu_seconds": self.state.cpu_seconds,
+            "run_id": distributed.run_id(),  # torchrun's job id: an elastic restart resumes it
         }
 
     def resume(self, path: str | Path | None = None) -> None:
-        """Continue from ``path`` (default ``<out>/last.pt``): weights, optimiser, step."""
+        """Continue from ``path`` (default ``<out>/last.pt``): weights, optimiser, step.
+
+        Rank 0 reads the checkpoint and sends it to the other ranks: all resume from the same
+        one, and other machines need no copy of it.
+        """
         path = Path(path) if path else self.out / "last.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"cannot resume: no checkpoint at {path}; "
-                                    "train without --resume to start a new run.")
-        ckpt = read_checkpoint(path)
-        check_compatible(ckpt, self.config, path)
+        ckpt = self._read_on_rank0(path)
+        if isinstance(ckpt, Exception):
+            raise ckpt
+        self._load(ckpt)
+
+    def resume_restarted(self) -> bool:
+        """After torchrun restarted the workers (``--max-restarts``): continue from
+        ``<out>/last.pt`` if this torchrun job wrote it. Returns False, and the run starts
+        afresh, if the job had written no checkpoint yet (an older run's is left alone)."""
+        ckpt = self._read_on_rank0(self.out / "last.pt")
+        if isinstance(ckpt, FileNotFoundError) or (
+                isinstance(ckpt, dict) and ckpt.get("run_id") != distributed.run_id()):
+            return False
+        if isinstance(ckpt, Exception):
+            raise ckpt
+        self._load(ckpt)
+        return True
+
+    def _read_on_rank0(self, path: Path) -> dict[str, Any] | Exception:
+        """The compatible checkpoint at ``path`` as rank 0 read it, or the error it met, on
+        every rank (so that every rank raises it, rather than waiting for rank 0)."""
+        ckpt: dict[str, Any] | Exception | None = None
+        if self.rank == 0:
+            try:
+                if not path.is_file():
+                    raise FileNotFoundError(f"cannot resume: no checkpoint at {path}; "
+                                            "train without --resume to start a new run.")
+                ckpt = read_checkpoint(path)
+                check_compatible(ckpt, self.config, path)
+            except (FileNotFoundError, ValueError) as error:
+                ckpt = error
+        return distributed.broadcast_object(ckpt)
+
+    def _load(self, ckpt: dict[str, Any]) -> None:
         self.algo.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.state = TrainState(ckpt["step"], ckpt["best"], ckpt["train_seconds"],
                                 ckpt.get("cpu_seconds", 0.0))
-        self._truncate_log(self.state.step)
+        if self.rank == 0:
+            self._truncate_log(self.state.step)
 
     def _truncate_log(self, step: int) -> None:
         """Drop log lines written after the checkpoint we resume from (they will be redone)."""
@@ -162,8 +215,13 @@ class Trainer:
                     if line and json.loads(line)["step"] <= step]
             atomic_write_text("".join(line + "\n" for line in kept), log)
 
-    def _save(self, name: str) -> None:
-        atomic_save(self.checkpoint(), self.out / name)
+    def _save(self, *names: str) -> None:
+        """Rank 0 writes the checkpoint under ``names``; the other ranks wait for it."""
+        if self.rank == 0:
+            ckpt = self.checkpoint()
+            for name in names:
+                atomic_save(ckpt, self.out / name)
+        distributed.barrier()
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -174,30 +232,36 @@ class Trainer:
         return self._val_episodes
 
     def validate(self) -> EvalResult:
-        return evaluate(self.algo, self.validation_episodes(), self.kind, self.device)
+        """Scores on the fixed validation episodes, shared out between the ranks (every rank
+        gets the result, the same as one process scoring them all)."""
+        return distributed.evaluate_sharded(self.algo, self.validation_episodes(), self.kind,
+                                            self.device)
 
     def _log(self, record: dict[str, Any]) -> None:
-        with open(self.out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.rank == 0:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def fit(self) -> TrainState:
         """Train until ``config.steps``, or until the training steps have taken
         ``config.time_budget`` seconds; returns the final state. Raises TrainingDiverged."""
         cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", self.out / "config.json")
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(json.dumps(cfg.to_dict(), indent=2) + "\n",
+                              self.out / "config.json")
         self.algo.train()
         bar = tqdm(total=cfg.steps, initial=self.state.step, desc=cfg.algorithm,
                    disable=not self.progress, dynamic_ncols=True)
         sums: dict[str, float] = {}
+        summed = 0  # steps in ``sums`` (fewer than log_every after resuming between log steps)
         while self.state.step < cfg.steps:
             step = self.state.step
             started, started_cpu = time.perf_counter(), time.process_time()
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # any randomness inside the model
-            batch = self.train_tasks.sample(cfg.tasks_per_batch, step_generator(cfg.seed, step))
+            batch = sample_tasks(self.train_tasks, cfg.seed, step, self.share)
             self.optimizer.zero_grad(set_to_none=True)
-            loss, metrics = meta_backward(self.algo, batch.to(self.device), cfg.task_chunk,
-                                          cfg.precision)
+            loss, metrics = self._meta_backward(batch.to(self.device))
             if not math.isfinite(loss):
                 bar.close()
                 raise TrainingDiverged(self._diverged_message(step, loss))
@@ -211,23 +275,44 @@ class Trainer:
 
             for key, value in {"loss": loss, **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + value
-            last_step = (self.state.step == cfg.steps
-                         or 0 < cfg.time_budget <= self.state.train_seconds)
+            summed += 1
+            last_step = self.state.step == cfg.steps or self._budget_spent()
             if self.state.step % cfg.log_every == 0 or last_step:
-                count = (self.state.step - 1) % cfg.log_every + 1
-                means = {k: v / count for k, v in sums.items()}
+                means = {k: v / summed for k, v in sums.items()}
                 self._log({"step": self.state.step, "lr": self.scheduler.get_last_lr()[0],
                            "train_seconds": round(self.state.train_seconds, 3),
                            "cpu_seconds": round(self.state.cpu_seconds, 3), **means})
                 bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
-                sums = {}
+                sums, summed = {}, 0
             bar.update()
             if self.state.step % cfg.val_every == 0 or last_step:
                 self._validate_and_save()
+            elif cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
+                self._save("last.pt")
             if last_step:
                 break
         bar.close()
         return self.state
+
+    def _meta_backward(self, batch: TaskBatch) -> tuple[float, dict[str, float]]:
+        """:func:`meta_backward` of this rank's share of the step; with several ranks, then
+        the whole meta-batch's gradient, buffers, loss and metrics on every rank."""
+        cfg = self.config
+        if self.world_size == 1:
+            return meta_backward(self.algo, batch, cfg.task_chunk, cfg.precision)
+        start = [b.clone() for b in floating_buffers(self.algo)]
+        loss, metrics = meta_backward(self.algo, batch, cfg.task_chunk, cfg.precision)
+        return reduce_step(self.algo, loss, metrics, len(batch) / cfg.tasks_per_batch, start)
+
+    def _budget_spent(self) -> bool:
+        """True once the training steps have taken ``time_budget`` seconds; with several
+        ranks, rank 0's clock decides for all, so that they stop at the same step."""
+        if not self.config.time_budget:
+            return False
+        spent = torch.tensor([float(self.state.train_seconds >= self.config.time_budget)],
+                             device=self.device)
+        distributed.broadcast_tensors_([spent])
+        return bool(spent.item())
 
     def _validate_and_save(self) -> None:
         result = self.validate()
@@ -238,9 +323,7 @@ class Trainer:
             self.state.best = result.mean
         self._log({"step": self.state.step, f"val_{result.metric}": result.mean,
                    "val_ci95": result.ci95, "train_seconds": round(self.state.train_seconds, 3)})
-        self._save("last.pt")
-        if better:
-            self._save("best.pt")
+        self._save("last.pt", *(["best.pt"] if better else []))
 
     def _diverged_message(self, step: int, value: float) -> str:
         last = self.out / "last.pt"
@@ -257,26 +340,68 @@ def meta_backward(
     """Meta-loss of ``batch``, with its gradient added to the parameters' ``.grad``.
 
     With ``task_chunk`` > 0 the tasks are back-propagated ``task_chunk`` at a time and the
-    gradients accumulate, weighted by chunk size: the same gradient as one pass when nothing
-    couples the tasks of a step, with the memory of one chunk. Stops at the first chunk whose
-    loss is not finite and returns that loss.
+    gradients accumulate, weighted by chunk size: the same gradient as one pass, with the
+    memory of one chunk. Every chunk starts from the step's buffers (BatchNorm running
+    statistics), which end as the chunk-weighted mean of what the chunks left, as one pass
+    leaves them (see :mod:`metalab.algorithms.pertask`). Stops at the first chunk whose loss
+    is not finite and returns that loss.
     """
     chunk = task_chunk or len(batch)
-    total, sums = 0.0, {}
-    for start in range(0, len(batch), chunk):
-        part = batch[start:start + chunk]
-        weight = len(part) / len(batch)
+    parts = [batch[start:start + chunk] for start in range(0, len(batch), chunk)]
+    weights = [len(part) / len(batch) for part in parts]
+    total, sums, stopped = 0.0, {}, None
+
+    def backward(index: int) -> None:
+        nonlocal total, stopped
+        if stopped is not None:
+            return
+        part = parts[index]
         device_type = part.support_x.device.type
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss, metrics = algo.meta_loss(part)
         value = loss.item()
         if not math.isfinite(value):
-            return value, metrics
-        (loss * weight).backward()
-        total += value * weight
+            stopped = value, metrics
+            return
+        (loss * weights[index]).backward()
+        total += value * weights[index]
         for key, metric in metrics.items():
-            sums[key] = sums.get(key, 0.0) + metric * weight
-    return total, sums
+            sums[key] = sums.get(key, 0.0) + metric * weights[index]
+
+    each_task(algo, len(parts), backward, weights)
+    return stopped if stopped is not None else (total, sums)
+
+
+def floating_buffers(algo: MetaLearner) -> list[torch.Tensor]:
+    """The buffers a training step may change (BatchNorm running statistics, ...)."""
+    return [b for b in algo.buffers() if b.is_floating_point()]
+
+
+def reduce_step(
+    algo: MetaLearner, loss: float, metrics: dict[str, float], weight: float,
+    start: list[torch.Tensor],
+) -> tuple[float, dict[str, float]]:
+    """Combine the ranks' shares of a step in one all-reduce, each weighted by ``weight``
+    (its share of the tasks): gradients (a parameter keeps no ``.grad`` only if no rank gave
+    it one), the changes of :func:`floating_buffers` since ``start`` (their values when the
+    step began), loss and metrics (the same names on every rank). Returns the whole step's
+    loss and metrics; every rank then holds the same gradients and buffers."""
+    params = [p for p in algo.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    buffers = floating_buffers(algo)
+    changes = [b - b0 for b, b0 in zip(buffers, start, strict=True)]
+    names = sorted(metrics)
+    scalars = torch.tensor([loss, *(metrics[k] for k in names),
+                            *(float(p.grad is not None) for p in params)],
+                           dtype=grads[0].dtype, device=grads[0].device)
+    distributed.weighted_sum_([*grads, *changes, scalars], weight)
+    has_grad = scalars[1 + len(names):].tolist()
+    for p, grad, given in zip(params, grads, has_grad, strict=True):
+        p.grad = grad if given else None
+    for b, b0, change in zip(buffers, start, changes, strict=True):
+        b.copy_(b0 + change)
+    values = scalars[:1 + len(names)].tolist()
+    return values[0], dict(zip(names, values[1:], strict=True))
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

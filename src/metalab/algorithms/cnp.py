@@ -12,10 +12,14 @@ that vector and the query's input:
   lower bound, which keeps the likelihood from collapsing onto a single point), and the loss is
   the Gaussian negative log-likelihood ``-log N(y_q; μ, σ²)`` of the query targets. The
   predictor returns ``μ``; ``predict_distribution`` returns the ``Normal(μ, σ)``.
-* **Classification**: ``y_i`` is the one-hot label, ``g`` outputs ``n_way`` logits, and the
-  loss is the cross-entropy; ``predict_distribution`` returns the ``Categorical``. Label
-  input and logits have ``n_way`` units: a trained model classifies tasks of that many
-  classes.
+* **Classification**: ``y_i`` is the one-hot label and the aggregation is per class:
+  ``r_c`` is the mean encoding of class ``c``'s support examples. One decoder scores each
+  pair ``g([r_c, f(x_q)])`` as class ``c``'s logit, so relabelling the classes permutes the
+  logits alike. (A single mean over all support pairs with one decoder for all logits stayed
+  at chance here: the decoder must then learn which part of ``r`` belongs to which label.)
+  The loss is the cross-entropy, and ``predict_distribution`` returns the ``Categorical``.
+  The one-hot label input is sized by ``n_way``: a trained model classifies tasks of that
+  many classes.
 
 ``f`` is the backbone: it embeds images for classification, and for regression it is the
 config's MLP over ``x`` (``backbone: mlp`` with ``hidden: []`` is the identity, i.e. the
@@ -37,6 +41,7 @@ from torch import Tensor, nn
 from torch.distributions import Categorical, Distribution, Normal
 
 from metalab.algorithms.base import MetaLearner, TaskSpec, register
+from metalab.algorithms.pertask import map_tasks
 from metalab.algorithms.recurrent import check_n_way
 from metalab.models import feature_shape
 from metalab.tasks import TaskBatch
@@ -77,25 +82,35 @@ class CNP(MetaLearner):
         self.min_std = min_std
         features = math.prod(feature_shape(backbone, spec.input_shape))
         targets = spec.n_way if spec.kind == "classification" else spec.output_dim
-        outputs = spec.n_way if spec.kind == "classification" else 2 * spec.output_dim
+        outputs = 1 if spec.kind == "classification" else 2 * spec.output_dim  # logit | μ, σ
         self.encoder = mlp([features + targets, *encoder_sizes])
         self.decoder = mlp([encoder_sizes[-1] + features, *decoder_sizes, outputs])
 
     def embed(self, x: Tensor) -> Tensor:
-        """Embed ``[T, B, *shape]`` in one backbone call -> ``[T, B, D]``."""
-        return self.backbone(x.flatten(0, 1)).view(*x.shape[:2], -1)
+        """Embed ``[T, B, *shape]`` -> ``[T, B, D]``, each task on its own (``map_tasks``)."""
+        return map_tasks(self.backbone, x).reshape(*x.shape[:2], -1)
 
     def represent(self, features: Tensor, y: Tensor) -> Tensor:
-        """``r`` ``[T, 1, R]`` of support sets: features ``[T, S, D]``, targets ``[T, S, ...]``
-        (class indices for classification, encoded one-hot)."""
-        if self.kind == "classification":
-            y = F.one_hot(y, self.n_way).to(features.dtype)
-        return self.encoder(torch.cat([features, y], -1)).mean(1, keepdim=True)
+        """``r`` of support sets: features ``[T, S, D]``, targets ``[T, S, ...]``; ``[T, 1, R]``
+        for regression, ``[T, N, R]`` (one mean per class) for classification, whose class
+        indices are encoded one-hot."""
+        if self.kind == "regression":
+            return self.encoder(torch.cat([features, y], -1)).mean(1, keepdim=True)
+        onehot = F.one_hot(y, self.n_way).to(features.dtype)  # [T, S, N]
+        encoded = self.encoder(torch.cat([features, onehot], -1))  # [T, S, R]
+        counts = onehot.sum(1).clamp_min(1).unsqueeze(-1)  # [T, N, 1]
+        return onehot.transpose(1, 2) @ encoded / counts
 
     def decode(self, representation: Tensor, features: Tensor) -> Tensor:
-        """Decoder outputs ``[T, Q, outputs]`` of query features ``[T, Q, D]``."""
-        r = representation.expand(-1, features.shape[1], -1)
-        return self.decoder(torch.cat([r, features], -1))
+        """Decoder outputs of query features ``[T, Q, D]``: ``[T, Q, 2 * output_dim]``
+        (regression) or the logits ``[T, Q, N]`` (classification)."""
+        if self.kind == "regression":
+            r = representation.expand(-1, features.shape[1], -1)
+            return self.decoder(torch.cat([r, features], -1))
+        (tasks, queries, _), classes = features.shape, representation.shape[1]
+        pairs = torch.cat([representation.unsqueeze(1).expand(-1, queries, -1, -1),
+                           features.unsqueeze(2).expand(-1, -1, classes, -1)], -1)
+        return self.decoder(pairs).reshape(tasks, queries, classes)
 
     def distribution(self, output: Tensor) -> Distribution:
         """The predictive distribution a decoder output stands for."""

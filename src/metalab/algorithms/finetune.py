@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalab.algorithms.base import MetaLearner, TaskSpec, register
+from metalab.algorithms.pertask import map_tasks
 from metalab.models import feature_shape
 from metalab.tasks import TaskBatch
 
@@ -117,7 +118,8 @@ class FineTune(MetaLearner):
                 f"number of classes of the training split."
             )
         x = torch.cat([batch.support_x, batch.query_x], dim=1)
-        features = self.backbone(x.flatten(0, 1)).flatten(1)
+        # Each task's images on their own: BatchNorm must not pool statistics over tasks.
+        features = map_tasks(self.backbone, x).flatten(2).flatten(0, 1)
         logits = head_logits(
             features, self.classifier.weight, self.classifier.bias, self.cosine_scale
         )

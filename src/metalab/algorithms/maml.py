@@ -23,7 +23,9 @@ BatchNorm (``batch_norm``): ``"transductive"`` (the MAML convention) normalises 
 with its own statistics, in training and at test time, so the query set of a task is
 normalised with its own statistics; ``"running"`` keeps running statistics during
 meta-training and uses them when adapting and predicting (non-transductive: every query is
-classified on its own).
+classified on its own). Every task of a meta-batch starts from the same running statistics,
+and the step leaves their mean over the tasks (``metalab.algorithms.pertask``), so tasks never
+affect each other and a meta-batch may be split over processes.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from torch.func import functional_call, grad, vmap
 
 from metalab.algorithms.base import MetaLearner, TaskSpec, register
 from metalab.algorithms.parallel import parallel_meta_loss
+from metalab.algorithms.pertask import each_task
 from metalab.evaluate import task_score
 from metalab.models import feature_shape
 from metalab.tasks import TaskBatch
@@ -196,10 +199,10 @@ class MAML(MetaLearner):
             objectives, metrics = vmap(self.task_objective, randomness="different")(*tasks)
         elif workers > 1 and batch.support_x.device.type == "cpu" and self.stateless():
             return parallel_meta_loss(self, batch, type(self).task_objective, workers)
-        else:
-            objectives, metrics = (torch.stack(values) for values in zip(
-                *(self.task_objective(*(t[i] for t in tasks)) for i in range(len(batch))),
-                strict=True))
+        else:  # one task after the other, each from the same running BatchNorm statistics
+            results = each_task(self, len(batch),
+                                lambda i: self.task_objective(*(t[i] for t in tasks)))
+            objectives, metrics = (torch.stack(values) for values in zip(*results, strict=True))
         return objectives.mean(), {self.metric: metrics.mean().item()}
 
     def has_batch_norm(self) -> bool:

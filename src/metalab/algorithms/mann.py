@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalab.algorithms.base import MetaLearner, TaskSpec, register
+from metalab.algorithms.pertask import map_tasks
 from metalab.algorithms.recurrent import check_n_way, with_labels
 from metalab.models import feature_shape
 from metalab.tasks import TaskBatch
@@ -97,8 +98,8 @@ class MANN(MetaLearner):
         self.output = nn.Linear(controller_size + read_heads * memory_width, spec.n_way)
 
     def embed(self, x: Tensor) -> Tensor:
-        """Embed ``[T, B, *shape]`` in one backbone call -> ``[T, B, D]``."""
-        return self.backbone(x.flatten(0, 1)).view(*x.shape[:2], -1)
+        """Embed ``[T, B, *shape]`` -> ``[T, B, D]``, each task on its own (``map_tasks``)."""
+        return map_tasks(self.backbone, x).reshape(*x.shape[:2], -1)
 
     def initial_state(self, batch: int, reference: Tensor) -> MemoryState:
         """Empty controller and memory for ``batch`` sequences (dtype/device of ``reference``)."""

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalab.algorithms.base import MetaLearner, TaskSpec, register
+from metalab.algorithms.pertask import map_tasks
 from metalab.tasks import TaskBatch
 
 
@@ -51,8 +52,8 @@ class ProtoNet(MetaLearner):
         self.scale = nn.Parameter(torch.tensor(10.0)) if metric == "cosine" else None
 
     def embed(self, x: Tensor) -> Tensor:
-        """Embed ``[T, B, *shape]`` in one backbone call -> ``[T, B, D]``."""
-        return self.backbone(x.flatten(0, 1)).view(*x.shape[:2], -1)
+        """Embed ``[T, B, *shape]`` -> ``[T, B, D]``, each task on its own (``map_tasks``)."""
+        return map_tasks(self.backbone, x).reshape(*x.shape[:2], -1)
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         num_support = batch.support_x.shape[1]

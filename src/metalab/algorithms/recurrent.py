@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalab.algorithms.base import MetaLearner, TaskSpec, register
+from metalab.algorithms.pertask import map_tasks
 from metalab.models import feature_shape
 from metalab.tasks import TaskBatch
 
@@ -72,8 +73,8 @@ class SequenceLearner(MetaLearner):
     backbone: nn.Module
 
     def embed(self, x: Tensor) -> Tensor:
-        """Embed ``[T, B, *shape]`` in one backbone call -> ``[T, B, D]``."""
-        return self.backbone(x.flatten(0, 1)).view(*x.shape[:2], -1)
+        """Embed ``[T, B, *shape]`` -> ``[T, B, D]``, each task on its own (``map_tasks``)."""
+        return map_tasks(self.backbone, x).reshape(*x.shape[:2], -1)
 
     def read_support(self, support: Tensor) -> Any:
         """What the learner keeps of the support steps ``[T, S, C]`` of every task."""

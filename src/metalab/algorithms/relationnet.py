@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalab.algorithms.base import MetaLearner, TaskSpec, register
+from metalab.algorithms.pertask import map_tasks
 from metalab.models import conv_block, feature_shape
 from metalab.tasks import TaskBatch
 
@@ -96,20 +97,22 @@ class RelationNet(MetaLearner):
         self.relation = relation_module(self.feature_shape)
 
     def embed(self, x: Tensor) -> Tensor:
-        """Embed ``[T, B, *shape]`` in one backbone call -> ``[T, B, *feature_shape]``."""
-        return self.backbone(x.flatten(0, 1)).view(*x.shape[:2], *self.feature_shape)
+        """Embed ``[T, B, *shape]`` -> ``[T, B, *feature_shape]``, each task on its own."""
+        return map_tasks(self.backbone, x).reshape(*x.shape[:2], *self.feature_shape)
 
     def relations(self, classes: Tensor, queries: Tensor) -> Tensor:
         """Pre-sigmoid relations ``[T, Q, N]`` of queries ``[T, Q, *F]`` to classes ``[T, N, *F]``.
 
-        All ``T * Q * N`` pairs go through the relation module in one call.
+        The ``Q * N`` pairs of a task go through the relation module in one call (its
+        BatchNorm normalises each task on its own, see ``map_tasks``).
         """
         num_tasks, num_queries, n_way = queries.shape[0], queries.shape[1], classes.shape[1]
         expanded = (num_tasks, num_queries, n_way, *self.feature_shape)
         pairs = torch.cat(
             [classes.unsqueeze(1).expand(expanded), queries.unsqueeze(2).expand(expanded)], dim=3
         )
-        return self.relation(pairs.flatten(0, 2)).view(num_tasks, num_queries, n_way)
+        scores = map_tasks(self.relation, pairs.flatten(1, 2))
+        return scores.view(num_tasks, num_queries, n_way)
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         num_support = batch.support_x.shape[1]
