@@ -134,3 +134,14 @@ def test_time_budget_stops_training_and_keeps_a_validated_checkpoint(easy_data, 
     assert read_checkpoint(tmp_path / "best.pt")["step"] == 1
     with pytest.raises(ValueError, match="time_budget"):
         Config.from_dict({"time_budget": -1})
+
+
+def test_a_budgeted_run_validates_at_each_fifth_of_its_budget(easy_data, tmp_path,
+                                                              monkeypatch) -> None:
+    clock = iter(range(10**6))  # every reading one second later: each step takes 1 s
+    monkeypatch.setattr("metalab.train.time.perf_counter", lambda: float(next(clock)))
+    config = easy_config(tmp_path, steps=10_000, val_every=10_000, time_budget=10)
+    state = Trainer(config, progress=False).fit()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").open()]
+    assert state.step == 10
+    assert [r["step"] for r in records if "val_accuracy" in r] == [2, 4, 6, 8, 10]

@@ -249,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "e.g. 90s, 10m, 1h (results then depend on the machine's speed)")
     cmp.add_argument("--shots", default="1,2,5,10", help="support sizes of the shots study, "
                      "comma-separated, or 'none' (1,2,5,10)")
-    cmp.add_argument("--shot-episodes", type=int, default=200,
-                     help="test episodes per point of the shots study (200)")
+    cmp.add_argument("--shot-episodes", type=int, default=100,
+                     help="test episodes per point of the shots study (100)")
     cmp.add_argument("--diversity", nargs="?", const="0.1,0.25,0.5,1", metavar="FRACTIONS",
                      help="also meta-train on these fractions of the meta-train alphabets "
                      "(default when given alone: 0.1,0.25,0.5,1); retrains every algorithm")

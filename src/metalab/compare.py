@@ -241,7 +241,7 @@ def _selected(configs_by_part: dict[str, Config], algorithms: list[str] | None,
 def run_compare(
     suite: str = "quick", algorithms: list[str] | None = None, steps: int | None = None,
     budget: float | None = None, out: Path = Path("runs/compare"), fresh: bool = False,
-    progress: bool = True, shots: list[int] | None = None, shot_episodes: int = 200,
+    progress: bool = True, shots: list[int] | None = None, shot_episodes: int = 100,
     diversity: list[float] | None = None, plots: bool = True,
 ) -> Comparison:
     """Train and score each algorithm on each part of ``suite``; print and write the table,

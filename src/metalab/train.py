@@ -57,6 +57,7 @@ __all__ = [
 VAL_SEED = 1234  # the fixed validation episodes
 TEST_SEED = 1  # the fixed test episodes (as in the MAML reference code)
 CHECKPOINT_FORMAT = 1
+BUDGET_VALIDATIONS = 5  # a run with a time_budget validates after each fifth of it
 
 
 class TrainingDiverged(RuntimeError):
@@ -255,6 +256,7 @@ class Trainer:
                    disable=not self.progress, dynamic_ncols=True)
         sums: dict[str, float] = {}
         summed = 0  # steps in ``sums`` (fewer than log_every after resuming between log steps)
+        marks_done = min(int(self._budget_used() * BUDGET_VALIDATIONS), BUDGET_VALIDATIONS)
         while self.state.step < cfg.steps:
             step = self.state.step
             started, started_cpu = time.perf_counter(), time.process_time()
@@ -276,7 +278,10 @@ class Trainer:
             for key, value in {"loss": loss, **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + value
             summed += 1
-            last_step = self.state.step == cfg.steps or self._budget_spent()
+            budget_used = self._budget_used()
+            last_step = self.state.step == cfg.steps or budget_used >= 1
+            # a budgeted run also validates at each fifth of its budget (learning curves)
+            budget_mark = min(int(budget_used * BUDGET_VALIDATIONS), BUDGET_VALIDATIONS)
             if self.state.step % cfg.log_every == 0 or last_step:
                 means = {k: v / summed for k, v in sums.items()}
                 self._log({"step": self.state.step, "lr": self.scheduler.get_last_lr()[0],
@@ -285,8 +290,9 @@ class Trainer:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
                 sums, summed = {}, 0
             bar.update()
-            if self.state.step % cfg.val_every == 0 or last_step:
+            if self.state.step % cfg.val_every == 0 or last_step or budget_mark > marks_done:
                 self._validate_and_save()
+                marks_done = budget_mark
             elif cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
                 self._save("last.pt")
             if last_step:
@@ -304,15 +310,16 @@ class Trainer:
         loss, metrics = meta_backward(self.algo, batch, cfg.task_chunk, cfg.precision)
         return reduce_step(self.algo, loss, metrics, len(batch) / cfg.tasks_per_batch, start)
 
-    def _budget_spent(self) -> bool:
-        """True once the training steps have taken ``time_budget`` seconds; with several
-        ranks, rank 0's clock decides for all, so that they stop at the same step."""
+    def _budget_used(self) -> float:
+        """The share of ``time_budget`` the training steps have taken (0 without a budget);
+        with several ranks, rank 0's clock decides for all, so that they act at the same
+        step."""
         if not self.config.time_budget:
-            return False
-        spent = torch.tensor([float(self.state.train_seconds >= self.config.time_budget)],
-                             device=self.device)
-        distributed.broadcast_tensors_([spent])
-        return bool(spent.item())
+            return 0.0
+        used = torch.tensor([self.state.train_seconds / self.config.time_budget],
+                            dtype=torch.float64, device=self.device)
+        distributed.broadcast_tensors_([used])
+        return used.item()
 
     def _validate_and_save(self) -> None:
         result = self.validate()
