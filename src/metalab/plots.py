@@ -63,8 +63,8 @@ def _plain_log(ax: Axes, which: str) -> None:
 def _save(fig: Figure, stem: Path) -> list[Path]:
     fig.tight_layout()
     paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    fig.savefig(paths[0], dpi=150)
-    fig.savefig(paths[1])
+    fig.savefig(paths[0], dpi=150, bbox_inches="tight")  # "tight": legends placed outside
+    fig.savefig(paths[1], bbox_inches="tight")
     plt.close(fig)
     return paths
 
@@ -145,7 +145,7 @@ def learning_curves(rows: Sequence[Row], stem: Path) -> list[Path]:
             _plain_log(ax, "y")
         ax.set_title(task)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2, loc="best")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the lines
     return _save(fig, stem)
 
 
@@ -170,5 +170,5 @@ def curves(
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(task)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2, loc="best")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the lines
     return _save(fig, stem)
