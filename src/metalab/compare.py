@@ -335,6 +335,6 @@ def write_outputs(comparison: Comparison, out: Path, plots: bool = True) -> list
             files += draw.curves(comparison.shots, "support examples per class",
                                  out / "shots", log_x=True)
         if comparison.diversity:
-            files += draw.curves(comparison.diversity, "fraction of meta-train classes",
+            files += draw.curves(comparison.diversity, "fraction of meta-train alphabets",
                                  out / "diversity", log_x=True)
     return files
