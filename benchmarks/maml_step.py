@@ -130,6 +130,7 @@ from torch.func import functional_call
 from metalab.algorithms import TaskSpec, build_algorithm
 from metalab.algorithms.maml import use_batch_statistics
 from metalab.data import task_source
+from metalab.memory import status_kib
 from metalab.models import Conv4
 from metalab.tasks import TaskBatch, step_generator
 from metalab.train import meta_backward
@@ -564,14 +565,6 @@ def time_interleaved(entries: list[Entry], episodes: Episodes, args: argparse.Na
 
 
 # memory ------------------------------------------------------------------------------------------
-
-
-def status_kib(key: str) -> int:
-    """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``) in KiB (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
 
 
 def memory_worker(impl: Impl, episodes: Episodes, steps: int) -> dict[str, Any]:

@@ -16,13 +16,14 @@ from types import TracebackType
 
 import torch
 
-__all__ = ["PeakMemory"]
+__all__ = ["PeakMemory", "status_kib"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def _status_kib(key: str) -> int:
+def status_kib(key: str) -> int:
+    """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``) in KiB (Linux)."""
     for line in _STATUS.read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1])
@@ -62,7 +63,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         elif _reset_cpu_peak():
-            self._start = _status_kib("VmRSS") * 1024
+            self._start = status_kib("VmRSS") * 1024
         else:
             self._start = -1
         return self
@@ -73,7 +74,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
         elif self._start >= 0:
-            peak = _status_kib("VmHWM") * 1024
+            peak = status_kib("VmHWM") * 1024
         else:
             return
         self.mib = max(peak - self._start, 0) / 2**20
