@@ -126,6 +126,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
 
 from metalab.algorithms import TaskSpec, build_algorithm
 from metalab.algorithms.maml import use_batch_statistics
@@ -564,6 +565,65 @@ def time_interleaved(entries: list[Entry], episodes: Episodes, args: argparse.Na
         print(f"  round {r + 1}/{args.repeats} (s/step): {line}", file=sys.stderr, flush=True)
 
 
+# FLOP rate ---------------------------------------------------------------------------------------
+
+
+def step_gflop(entry: Entry, batch: TaskBatch) -> float | None:
+    """GFLOP of one meta-gradient of ``batch`` by ``entry``, counted by torch's
+    ``FlopCounterMode`` (convolutions and matrix products, forward and every backward,
+    double backward included; BatchNorm, pooling and elementwise ops are not counted). The
+    counter sees only the calling thread, so this runs with one thread: metalab then keeps
+    every task in the calling thread too."""
+    if entry.impl is None:
+        return None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            entry.impl.meta_backward(batch)
+    finally:
+        torch.set_num_threads(threads)
+    entry.impl.optimizer.zero_grad()
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_peak_gflops(threads: int, size: int = 2048, repeats: int = 10) -> float:
+    """The machine's fp32 matrix-product rate: the best of ``repeats`` ``size``-square
+    ``torch.mm`` calls with ``threads`` threads, in GFLOP/s."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def flop_rates(entries: list[Entry], batch: TaskBatch, summary: dict[str, dict[str, Any]],
+               threads: int) -> dict[str, Any]:
+    """Each implementation's achieved GFLOP/s (its counted GFLOP per step / its median s per
+    step) and its share of the fp32 matmul peak; printed and returned for the JSON."""
+    peak = matmul_peak_gflops(threads)
+    rows = {}
+    for entry in entries:
+        gflop = step_gflop(entry, batch)
+        seconds = summary[entry.name]["s_per_step"]
+        rate = gflop / seconds if gflop is not None and seconds else None
+        rows[entry.name] = {"gflop_per_step": gflop, "gflops": rate,
+                            "share_of_peak": rate / peak if rate is not None else None}
+    print(f"\nFLOP rate (convolutions and matrix products counted by FlopCounterMode; fp32 "
+          f"matmul peak with {threads} threads: {peak:.0f} GFLOP/s):\n")
+    print("| implementation | GFLOP / step | GFLOP/s | share of peak |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, row in rows.items():
+        print(f"| {name} | {_fmt(row['gflop_per_step'], '{:.1f}')} | "
+              f"{_fmt(row['gflops'], '{:.1f}')} | {_fmt(row['share_of_peak'], '{:.0%}')} |")
+    return {"matmul_peak_gflops": peak, "matmul_peak_size": 2048, "implementations": rows}
+
+
 # memory ------------------------------------------------------------------------------------------
 
 
@@ -830,6 +890,7 @@ def run_benchmark(
         measure_memory(entries, script, args)
     summary = summarise(entries, baseline)
     print_table(entries, summary, baseline, title)
+    flops = flop_rates(entries, episodes(WARMUP_OFFSET), summary, args.threads)
     if metalab_source() != source_start:
         print("\nWARNING: metalab's source files changed while this ran (someone edited the "
               "tree): the memory subprocesses may have run other code than the timings. "
@@ -853,6 +914,7 @@ def run_benchmark(
                      "gradient_check": e.check, "summary": summary[e.name],
                      "raw_step_s": e.step_s, "memory_runs": e.memory}
             for e in entries},
+        "flop_rate": flops,
     }
     return entries, report
 

@@ -24,7 +24,17 @@ def conv_block(in_channels: int, out_channels: int, pool: bool, stride: int = 1)
     return nn.Sequential(*layers)
 
 
-class Conv4(nn.Sequential):
+class _Layers(nn.Sequential):
+    """An ``nn.Sequential`` whose slices are plain ``nn.Sequential`` (``nn.Sequential``
+    slices by calling ``type(self)(layers)``, which a subclass's own arguments break)."""
+
+    def __getitem__(self, index: int | slice) -> nn.Module:
+        if isinstance(index, slice):
+            return nn.Sequential(*list(self)[index])
+        return super().__getitem__(index)
+
+
+class Conv4(_Layers):
     """Four conv blocks of ``hidden`` channels (Vinyals et al. 2016; Snell et al. 2017).
 
     On 28x28 Omniglot the output is 64 features. ``pool_blocks`` < 4 keeps the spatial size
@@ -32,18 +42,33 @@ class Conv4(nn.Sequential):
     ``flatten=False`` returns feature maps instead of vectors. ``stride=2`` with
     ``pool_blocks=0`` is the MAML paper's Omniglot network (strided convolutions instead of
     max-pooling, Finn et al. 2017, Sec. 5.2): about 4x fewer operations at 28x28.
+
+    ``channels_last=True`` keeps the weights and activations in NHWC memory order, where
+    oneDNN's CPU convolutions are faster, but float32 gradients move further from the exact
+    ones (mostly in this torch's channels-last CPU BatchNorm kernel).
+    ``benchmarks/conv4_layout.py`` measures both; docs/results.md has the figures. It is
+    therefore off by default: turn it on for speed where float32 rounding noise is acceptable
+    (``backbone_options: {channels_last: true}``).
     """
 
     def __init__(
         self, in_channels: int = 1, hidden: int = 64, pool_blocks: int = 4, flatten: bool = True,
-        stride: int = 1,
+        stride: int = 1, channels_last: bool = False,
     ) -> None:
         blocks = [conv_block(in_channels if i == 0 else hidden, hidden, i < pool_blocks, stride)
                   for i in range(4)]
         super().__init__(*blocks, *([nn.Flatten()] if flatten else []))
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
 
 
-class MLP(nn.Sequential):
+class MLP(_Layers):
     """Fully connected ReLU network (``hidden`` sizes), flattening its input first.
 
     With ``out_features`` the last layer is linear (a regressor, e.g. the MAML sinusoid
