@@ -18,12 +18,14 @@ What is measured
       drawn before its timed block, so its time is the model step alone: easyfsl's own data
       pipeline (a ``TaskSampler`` behind a ``DataLoader``) is not measured.
 
-    Both sides do the same backbone work (one Conv-4 forward and backward over the N*(K+Q)
-    images). The implementations differ in the rest, which is what the comparison is for:
-    metalab embeds support and query in one backbone call and computes prototypes with one
-    batched matmul; easyfsl makes two backbone calls (so BatchNorm's batch statistics are
-    taken separately over support and query) and loops over the N classes in Python to build
-    prototypes; easyfsl scores with -distance, metalab with -distance^2 (Snell et al.).
+    Both sides do the same backbone work: two Conv-4 forward and backward calls, one over the
+    support set and one over the queries (so BatchNorm's batch statistics are taken separately
+    over support and query on both sides). The implementations differ in the rest, which is
+    what the comparison is for: metalab computes prototypes with one batched matmul, easyfsl
+    loops over the N classes in Python; easyfsl scores with -distance, metalab with
+    -distance^2 (Snell et al.). (Until 2026-11-26 metalab embedded support and query in one
+    call of N*(K+Q) images; ``benchmarks/results/protonet_throughput-joint-embedding.json``
+    is that version's run.)
 
 Methodology
     On shared machines one configuration's speed moves by up to 20% between runs, so both
