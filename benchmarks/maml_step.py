@@ -143,6 +143,7 @@ N_WAY, K_SHOT, Q_QUERY = 5, 1, 15
 INNER_LR = 0.4
 OUTER_LR = 1e-3
 WARMUP_OFFSET = 1_000_000  # episode indices of the check and warm-up steps
+PEAK_MATMUL_SIZE = 2048  # square fp32 matrices timed for the machine's matmul peak
 
 
 # --- implementations ---------------------------------------------------------------------------
@@ -588,7 +589,7 @@ def step_gflop(entry: Entry, batch: TaskBatch) -> float | None:
     return counter.get_total_flops() / 1e9
 
 
-def matmul_peak_gflops(threads: int, size: int = 2048, repeats: int = 10) -> float:
+def matmul_peak_gflops(threads: int, size: int = PEAK_MATMUL_SIZE, repeats: int = 10) -> float:
     """The machine's fp32 matrix-product rate: the best of ``repeats`` ``size``-square
     ``torch.mm`` calls with ``threads`` threads, in GFLOP/s."""
     torch.set_num_threads(threads)
@@ -621,7 +622,8 @@ def flop_rates(entries: list[Entry], batch: TaskBatch, summary: dict[str, dict[s
     for name, row in rows.items():
         print(f"| {name} | {_fmt(row['gflop_per_step'], '{:.1f}')} | "
               f"{_fmt(row['gflops'], '{:.1f}')} | {_fmt(row['share_of_peak'], '{:.0%}')} |")
-    return {"matmul_peak_gflops": peak, "matmul_peak_size": 2048, "implementations": rows}
+    return {"matmul_peak_gflops": peak, "matmul_peak_size": PEAK_MATMUL_SIZE,
+            "implementations": rows}
 
 
 # memory ------------------------------------------------------------------------------------------
