@@ -38,9 +38,8 @@ from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from metalab.algorithms.maml import use_batch_statistics
 from metalab.data import task_source
-from metalab.models import Conv4
+from metalab.models import Conv4, use_batch_statistics
 from protonet_throughput import machine_info
 
 LAYOUTS = {"nchw": False, "channels_last": True}

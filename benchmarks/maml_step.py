@@ -129,10 +129,9 @@ from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
 from metalab.algorithms import TaskSpec, build_algorithm
-from metalab.algorithms.maml import use_batch_statistics
 from metalab.data import task_source
 from metalab.memory import status_kib
-from metalab.models import Conv4
+from metalab.models import Conv4, use_batch_statistics
 from metalab.tasks import TaskBatch, step_generator
 from metalab.train import meta_backward
 from protonet_throughput import machine_info as shared_machine_info  # sibling script on sys.path

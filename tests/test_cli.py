@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -46,6 +47,31 @@ def test_evaluate_is_fixed_and_overridable(trained, tmp_path, capsys) -> None:
     assert main(["evaluate", str(out / "best.pt"), "--episodes", "10", "--n-way", "3",
                  "--json", str(first), "--quiet"]) == 0
     assert json.loads(first.read_text())["n_way"] == 3
+
+
+def test_transductive_batch_norm_normalises_the_queries_together(trained, tmp_path) -> None:
+    from metalab.models import use_batch_statistics
+    from metalab.tasks import fixed_episodes
+    from metalab.train import load_checkpoint, task_sources
+
+    out, _ = trained
+    algo, config = load_checkpoint(out / "best.pt")
+    task = fixed_episodes(task_sources(config, "test", train=False), 1, 0)[0].task(0)
+
+    def first_two_alone_and_in_the_batch(algo) -> tuple:
+        predictor = algo.adapt(task.support_x, task.support_y)
+        return predictor(task.query_x[:2]), predictor(task.query_x)[:2]
+
+    with torch.no_grad():
+        alone, together = first_two_alone_and_in_the_batch(algo)
+        assert torch.allclose(alone, together, atol=1e-5)  # running statistics: per query
+        use_batch_statistics(algo)
+        alone, together = first_two_alone_and_in_the_batch(algo)
+        assert not torch.allclose(alone, together, atol=1e-3)  # the batch's own statistics
+    target = tmp_path / "t.json"
+    assert main(["evaluate", str(out / "best.pt"), "--episodes", "10", "--transductive-bn",
+                 "--json", str(target), "--quiet"]) == 0
+    assert json.loads(target.read_text())["batch_norm"] == "transductive"
 
 
 def _write_images(folder, images) -> list:

@@ -127,6 +127,20 @@ def test_overrides_and_builtin_configs() -> None:
     assert Config().precision == "fp32"
 
 
+def test_without_a_validation_split_the_final_weights_are_scored(easy_data, tmp_path) -> None:
+    # The train+val protocol: no split is held out, so nothing is validated and best.pt is
+    # the last step's weights, whatever validation would have preferred.
+    trainer = Trainer(easy_config(tmp_path, steps=20, val_every=5, val_split=None),
+                      progress=False)
+    state = trainer.fit()
+    assert state.best is None
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").open()]
+    assert records and not any(key.startswith("val_") for r in records for key in r)
+    best, last = read_checkpoint(tmp_path / "best.pt"), read_checkpoint(tmp_path / "last.pt")
+    assert best["step"] == last["step"] == 20
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+
+
 def test_time_budget_stops_training_and_keeps_a_validated_checkpoint(easy_data, tmp_path) -> None:
     trainer = Trainer(easy_config(tmp_path, steps=10_000, time_budget=1e-9), progress=False)
     state = trainer.fit()

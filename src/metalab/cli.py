@@ -53,8 +53,9 @@ def _train_in_group(args: argparse.Namespace, config: Config) -> None:
     if not main_rank:
         return
     metric = "accuracy (%)" if trainer.kind == "classification" else "mse"
-    print(f"trained {state.step} steps in {state.train_seconds:.0f} s; "
-          f"best validation {metric} {state.best:.2f}")
+    chosen = ("no validation split: best.pt holds the final weights" if state.best is None
+              else f"best validation {metric} {state.best:.2f}")
+    print(f"trained {state.step} steps in {state.train_seconds:.0f} s; {chosen}")
     _, config, result = score_checkpoint(Path(config.out) / "best.pt", progress=not args.quiet)
     _write_json(Path(config.out) / "test.json", _result_record(config, result))
     print(f"test ({_episode_words(config, result)}, best.pt): {result}")
@@ -89,11 +90,15 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.inner_steps is not None:
         overrides["algorithm_options"] = {"test_inner_steps": args.inner_steps}
     _, config, result = score_checkpoint(args.checkpoint, overrides, args.episodes, args.seed,
-                                         progress=not args.quiet)
+                                         progress=not args.quiet,
+                                         transductive=args.transductive_bn)
+    batch_norm = ", BatchNorm on batch statistics" if args.transductive_bn else ""
     print(f"{config.algorithm} on {config.dataset}/{config.test_split}, "
-          f"{_episode_words(config, result)}: {result}")
+          f"{_episode_words(config, result)}{batch_norm}: {result}")
     if args.json:
-        _write_json(Path(args.json), _result_record(config, result))
+        record = _result_record(config, result)
+        record["batch_norm"] = "transductive" if args.transductive_bn else "as trained"
+        _write_json(Path(args.json), record)
 
 
 def _adapt(args: argparse.Namespace) -> None:
@@ -212,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--inner-steps", type=int,
                     help="gradient steps when adapting (optimization family; default: the "
                     "config's test_inner_steps)")
+    ev.add_argument("--transductive-bn", action="store_true",
+                    help="BatchNorm normalises each batch with its own statistics (the support "
+                    "set, then a task's queries together: the MAML convention, transductive) "
+                    "instead of the running statistics of training")
     ev.add_argument("--json", help="also write the result to this JSON file")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_evaluate)

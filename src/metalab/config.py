@@ -21,6 +21,9 @@ class Config:
     Training episodes are ``n_way``-way ``k_shot``-shot with ``q_query`` queries per class,
     ``tasks_per_batch`` per optimiser step; validation and test episodes use the ``test_*``
     sizes. The learning rate is multiplied by ``lr_decay`` every ``lr_decay_every`` steps.
+    With ``val_split: null`` nothing is validated and the final weights are the ones scored:
+    the protocol of a rerun on train+val for a step count chosen on a validated run (Snell et
+    al. 2017 trained their published Omniglot models so).
     """
 
     algorithm: str = "protonet"
@@ -32,7 +35,7 @@ class Config:
     data_dir: str | None = None
     train_split: str = "train"
     train_fraction: float = 1.0  # <1: meta-train on this share of the train split's alphabets
-    val_split: str = "val"
+    val_split: str | None = "val"  # None: no validation; best.pt is the latest weights
     test_split: str = "test"
     n_way: int = 5
     k_shot: int = 1

@@ -37,7 +37,7 @@ from metalab.algorithms.pertask import each_task
 from metalab.config import Config
 from metalab.evaluate import EvalResult, evaluate
 from metalab.io import atomic_save, atomic_write_text
-from metalab.models import build_backbone
+from metalab.models import build_backbone, use_batch_statistics
 from metalab.tasks import TaskBatch, TaskSource, fixed_episodes, sample_tasks
 
 __all__ = [
@@ -322,6 +322,9 @@ class Trainer:
         return used.item()
 
     def _validate_and_save(self) -> None:
+        if self.config.val_split is None:  # nothing to select on: the latest weights are best
+            self._save("last.pt", "best.pt")
+            return
         result = self.validate()
         better = (self.state.best is None or
                   (result.mean > self.state.best if result.metric == "accuracy"
@@ -475,14 +478,19 @@ def load_checkpoint(
 
 def score_checkpoint(
     path: str | Path, overrides: dict[str, Any] | None = None, episodes: int | None = None,
-    seed: int = TEST_SEED, progress: bool = False,
+    seed: int = TEST_SEED, progress: bool = False, transductive: bool = False,
 ) -> tuple[MetaLearner, Config, EvalResult]:
     """The checkpoint's algorithm scored on fixed test episodes of its config's test split.
 
     ``overrides`` change test settings (e.g. ``test_n_way``); ``episodes`` defaults to the
-    config's ``test_episodes``. Runs on the config's device.
+    config's ``test_episodes``. ``transductive`` makes every BatchNorm normalise each batch it
+    sees with that batch's statistics (the MAML convention; each call of the backbone is a
+    batch, e.g. a task's support set, then its queries together) instead of the running
+    statistics of training. Runs on the config's device.
     """
     algo, config = load_checkpoint(path, overrides)
+    if transductive:
+        use_batch_statistics(algo)
     device = resolve_device(config.device)
     source = task_sources(config, config.test_split, train=False)
     tasks = fixed_episodes(source, episodes or config.test_episodes, seed)

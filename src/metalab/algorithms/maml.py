@@ -41,7 +41,7 @@ from metalab.algorithms.base import MetaLearner, TaskSpec, register
 from metalab.algorithms.parallel import parallel_meta_loss
 from metalab.algorithms.pertask import each_task
 from metalab.evaluate import task_score
-from metalab.models import feature_shape
+from metalab.models import feature_shape, use_batch_statistics
 from metalab.tasks import TaskBatch
 
 Params = dict[str, Tensor]
@@ -55,15 +55,6 @@ def task_loss(output: Tensor, target: Tensor, kind: str) -> Tensor:
     if kind == "classification":
         return F.cross_entropy(output, target)
     return F.mse_loss(output, target)
-
-
-def use_batch_statistics(module: nn.Module) -> None:
-    """Make every BatchNorm in ``module`` normalise with the statistics of its current batch,
-    in training and in eval mode (no running statistics)."""
-    for layer in module.modules():
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            layer.track_running_stats = False
-            layer.running_mean = layer.running_var = layer.num_batches_tracked = None
 
 
 @register

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["BACKBONES", "MLP", "Conv4", "build_backbone", "feature_shape"]
+__all__ = ["BACKBONES", "MLP", "Conv4", "build_backbone", "feature_shape", "use_batch_statistics"]
 
 
 def conv_block(in_channels: int, out_channels: int, pool: bool, stride: int = 1) -> nn.Sequential:
@@ -114,3 +114,13 @@ def feature_shape(backbone: nn.Module, input_shape: tuple[int, ...]) -> tuple[in
     finally:
         backbone.train(was_training)
     return tuple(out.shape[1:])
+
+
+def use_batch_statistics(module: nn.Module) -> None:
+    """Make every BatchNorm in ``module`` normalise with the statistics of its current batch,
+    in training and in eval mode (no running statistics): the MAML convention, transductive
+    at test time, since the queries of a task are normalised together."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.track_running_stats = False
+            layer.running_mean = layer.running_var = layer.num_batches_tracked = None
