@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from metalab.evaluate import evaluate, mean_ci95, task_score
-from metalab.models import use_batch_statistics
+from metalab.models import SupportStatistics, use_batch_statistics
 from metalab.tasks import fixed_episodes, sample_tasks
 from metalab.train import VAL_SEED, load_checkpoint, task_sources
 
@@ -47,19 +47,17 @@ def recalibrate(algo, config, batches: int) -> None:
 
 
 def support_statistics_score(algo, episodes) -> tuple[float, float]:
-    """Each task's queries normalised with the statistics of its support set."""
-    layers, scores = batch_norms(algo), []
+    """Each task's queries normalised with the statistics of its support set (MetaBN applied
+    to a model trained without it): ``adapt`` records them, the predictor replays them."""
+    scores = []
     with torch.no_grad():
         for batch in episodes:
             for i in range(len(batch)):
                 task = batch.task(i)
-                for layer in layers:
-                    layer.reset_running_stats()
-                    layer.momentum = None
-                algo.train()
-                algo.embed(task.support_x.unsqueeze(0))  # running stats := support stats
-                algo.eval()
-                output = algo.adapt(task.support_x, task.support_y)(task.query_x)
+                with SupportStatistics() as support:
+                    predictor = algo.adapt(task.support_x, task.support_y)
+                with SupportStatistics(recorded=support.recorded):
+                    output = predictor(task.query_x)
                 scores.append(task_score(output, task.query_y, "classification").item() * 100)
     return mean_ci95(scores)
 

@@ -234,8 +234,8 @@ def test_snail_query_step_equals_the_full_causal_sequence(task: Task) -> None:
     algo = classifier("snail")
     assert isinstance(algo, SNAIL)
     with torch.no_grad():
-        support = with_labels(algo.embed(task.support_x[None]), task.support_y[None], 5)
-        queries = with_labels(algo.embed(task.query_x[None]), None, 5)
+        support = with_labels(algo.embed(task.support_x[None])[0], task.support_y[None], 5)
+        queries = with_labels(algo.embed(task.query_x[None])[0], None, 5)
         cached = algo.query_logits(queries, algo.read_support(support))[0]
         for j in range(len(task.query_x)):
             sequence = torch.cat([support, queries[:, j:j + 1]], dim=1)
@@ -262,3 +262,29 @@ def test_mann_writes_to_the_least_used_rows() -> None:
     assert torch.allclose(after.memory[0, [4, 2]], keys, atol=1e-6)  # least used: rows 4, 2
     untouched = [0, 1, 3, 5, 6, 7]
     assert torch.allclose(after.memory[0, untouched], state.memory[0, untouched], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", SEQUENCE_MODELS)
+def test_support_statistics_make_training_and_adapting_agree(name: str, episodes) -> None:
+    """With ``batch_norm="support"`` a query's logits are the same in the meta-batch (support
+    and queries embedded in one call per task), from ``adapt`` (the support set's statistics
+    kept by the predictor) and scored alone: no query affects another."""
+    torch.manual_seed(0)
+    spec = TaskSpec(n_way=5, input_shape=(1, SIZE, SIZE))
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(SIZE * SIZE, 32),
+                                   torch.nn.BatchNorm1d(32), torch.nn.ReLU())
+    algo = build_algorithm(name, backbone, spec, **SMALL[name], batch_norm="support").double()
+    batch = TaskBatch(episodes.support_x.double(), episodes.support_y,
+                      episodes.query_x.double(), episodes.query_y)
+    with torch.no_grad():
+        num_support = batch.support_x.shape[1]
+        features, _ = algo.embed(torch.cat([batch.support_x, batch.query_x], 1), num_support)
+        for i in range(len(batch)):
+            task = batch.task(i)
+            predictor = algo.adapt(task.support_x, task.support_y)
+            logits = predictor(task.query_x)
+            assert torch.allclose(predictor(task.query_x[2:3]), logits[2:3], atol=1e-10)
+            adapted, _ = algo.embed(task.query_x[None], recorded=predictor.statistics)
+            assert torch.allclose(adapted[0], features[i, num_support:], atol=1e-10)
+    with pytest.raises(ValueError, match="batch_norm must be one of"):
+        build_algorithm(name, backbone, spec, **SMALL[name], batch_norm="batch")

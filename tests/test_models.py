@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from metalab.algorithms import TaskSpec, build_algorithm
-from metalab.models import Conv4, build_backbone
+from metalab.models import Conv4, SupportStatistics, build_backbone
 from metalab.tasks import TaskBatch
 
 
@@ -54,3 +54,35 @@ def test_backbones_slice_into_plain_sequentials() -> None:
     mlp = build_backbone("mlp", (3,), hidden=(5, 4))
     assert mlp[:3](torch.rand(2, 3)).shape == (2, 5)
     assert isinstance(conv[0], torch.nn.Sequential) and len(conv[-1:]) == 1
+
+
+def test_support_statistics_without_a_query_is_training_mode_batch_norm() -> None:
+    """MetaBN on a batch of support examples only is exactly BatchNorm in training mode."""
+    torch.manual_seed(0)
+    net = Conv4(hidden=8).double().train()
+    x = torch.randn(6, 1, 28, 28, dtype=torch.double)
+    with SupportStatistics() as support:
+        out = net(x)
+    assert torch.allclose(out, net(x), rtol=0, atol=1e-12)
+    assert len(support.recorded) == 4  # one (mean, variance) per BatchNorm layer
+
+
+def test_support_statistics_normalise_queries_with_the_support_set_only() -> None:
+    """Queries embedded with the support set in one call equal queries embedded later with
+    the recorded statistics, and a query's features do not depend on the other queries."""
+    torch.manual_seed(0)
+    net = Conv4(hidden=8).double().train()
+    support_x, query_x = torch.randn(5, 1, 28, 28).double(), torch.randn(7, 1, 28, 28).double()
+    with SupportStatistics(support=5):
+        together = net(torch.cat([support_x, query_x]))[5:]
+    with SupportStatistics() as support:
+        net(support_x)
+    with SupportStatistics(recorded=support.recorded):
+        later = net(query_x)
+    with SupportStatistics(recorded=support.recorded):
+        alone = net(query_x[:1])
+    assert torch.allclose(together, later, rtol=0, atol=1e-12)
+    assert torch.allclose(alone, later[:1], rtol=0, atol=1e-12)
+    with SupportStatistics(recorded=support.recorded[:2]), pytest.raises(RuntimeError,
+                                                                         match="recorded"):
+        net(query_x)

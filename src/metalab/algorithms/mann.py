@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalab.algorithms.base import MetaLearner, TaskSpec, register
-from metalab.algorithms.pertask import map_tasks
+from metalab.algorithms.pertask import Statistics, check_batch_norm, embed_tasks
 from metalab.algorithms.recurrent import check_n_way, with_labels
 from metalab.models import feature_shape
 from metalab.tasks import TaskBatch
@@ -67,7 +67,9 @@ class MemoryState:
 
 @register
 class MANN(MetaLearner):
-    """Memory-augmented LSTM with LRUA writes and cosine-similarity reads."""
+    """Memory-augmented LSTM with LRUA writes and cosine-similarity reads.
+    ``batch_norm="support"`` normalises every task with its support set's BatchNorm statistics
+    (MetaBN, :mod:`metalab.models.support_statistics`) instead of running statistics."""
 
     name = "mann"
     family = "model"
@@ -75,9 +77,10 @@ class MANN(MetaLearner):
     def __init__(
         self, backbone: nn.Module, spec: TaskSpec, controller_size: int = 200,
         memory_slots: int = 128, memory_width: int = 40, read_heads: int = 4,
-        usage_decay: float = 0.95,
+        usage_decay: float = 0.95, batch_norm: str = "running",
     ) -> None:
         super().__init__()
+        self.batch_norm = check_batch_norm(batch_norm)
         if min(controller_size, memory_slots, memory_width, read_heads) < 1:
             raise ValueError("controller_size, memory_slots, memory_width and read_heads must "
                              "be >= 1.")
@@ -97,9 +100,13 @@ class MANN(MetaLearner):
         self.write_gate = nn.Parameter(torch.zeros(read_heads))  # α, one per head
         self.output = nn.Linear(controller_size + read_heads * memory_width, spec.n_way)
 
-    def embed(self, x: Tensor) -> Tensor:
-        """Embed ``[T, B, *shape]`` -> ``[T, B, D]``, each task on its own (``map_tasks``)."""
-        return map_tasks(self.backbone, x).reshape(*x.shape[:2], -1)
+    def embed(
+        self, x: Tensor, num_support: int | None = None,
+        recorded: list[Statistics] | None = None,
+    ) -> tuple[Tensor, list[Statistics] | None]:
+        """Embed ``[T, B, *shape]`` -> ``[T, B, D]``, each task on its own; with
+        ``batch_norm="support"`` also the support statistics used (``embed_tasks``)."""
+        return embed_tasks(self.backbone, x, self.batch_norm, num_support, recorded)
 
     def initial_state(self, batch: int, reference: Tensor) -> MemoryState:
         """Empty controller and memory for ``batch`` sequences (dtype/device of ``reference``)."""
@@ -156,7 +163,8 @@ class MANN(MetaLearner):
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         check_n_way(batch.n_way, self.n_way, self.name)
         num_support = batch.support_x.shape[1]
-        features = self.embed(torch.cat([batch.support_x, batch.query_x], dim=1))
+        features, _ = self.embed(torch.cat([batch.support_x, batch.query_x], dim=1),
+                                 num_support)
         state = self.read_support(features[:, :num_support], batch.support_y)
         logits = self.query_logits(features[:, num_support:], state)
         loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
@@ -165,15 +173,19 @@ class MANN(MetaLearner):
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> MANNPredictor:
         check_n_way(int(support_y.max()) + 1, self.n_way, self.name)
-        state = self.read_support(self.embed(support_x.unsqueeze(0)), support_y.unsqueeze(0))
-        return MANNPredictor(self, state)
+        features, statistics = self.embed(support_x.unsqueeze(0))
+        return MANNPredictor(self, self.read_support(features, support_y.unsqueeze(0)),
+                             statistics)
 
 
 class MANNPredictor:
-    """Classifies queries from the controller state and memory after one task's support set."""
+    """Classifies queries from the controller state and memory after one task's support set
+    (and, with ``batch_norm="support"``, the support set's BatchNorm statistics)."""
 
-    def __init__(self, model: MANN, state: MemoryState) -> None:
-        self.model, self.state = model, state
+    def __init__(self, model: MANN, state: MemoryState,
+                 statistics: list[Statistics] | None = None) -> None:
+        self.model, self.state, self.statistics = model, state, statistics
 
     def __call__(self, query_x: Tensor) -> Tensor:
-        return self.model.query_logits(self.model.embed(query_x.unsqueeze(0)), self.state)[0]
+        features, _ = self.model.embed(query_x.unsqueeze(0), recorded=self.statistics)
+        return self.model.query_logits(features, self.state)[0]

@@ -23,7 +23,15 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["each_task", "map_tasks", "normalises_over_batch"]
+from metalab.models.support_statistics import SupportStatistics
+
+__all__ = ["BATCH_NORM_STATISTICS", "each_task", "embed_tasks", "map_tasks",
+           "normalises_over_batch"]
+
+# How a model-based learner's backbone normalises (its ``batch_norm`` option): "running"
+# (BatchNorm as usual: batch statistics in training, running statistics at test time) or
+# "support" (every task with its support set's statistics, always; SupportStatistics).
+BATCH_NORM_STATISTICS = ("running", "support")
 
 Result = TypeVar("Result")
 
@@ -90,3 +98,36 @@ def map_tasks(module: nn.Module, x: Tensor) -> Tensor:
         out = module(x.flatten(0, 1))
         return out.view(*x.shape[:2], *out.shape[1:])
     return torch.stack(each_task(module, len(x), lambda task: module(x[task])))
+
+
+Statistics = list[tuple[Tensor, Tensor]]  # per BatchNorm call: (mean, variance) of a support set
+
+
+def check_batch_norm(batch_norm: str) -> str:
+    """``batch_norm`` if it is one of :data:`BATCH_NORM_STATISTICS`, else a clear error."""
+    if batch_norm not in BATCH_NORM_STATISTICS:
+        raise ValueError(f"batch_norm must be one of {', '.join(BATCH_NORM_STATISTICS)}; "
+                         f"got {batch_norm!r}.")
+    return batch_norm
+
+
+def embed_tasks(
+    backbone: nn.Module, x: Tensor, batch_norm: str, num_support: int | None = None,
+    recorded: list[Statistics] | None = None,
+) -> tuple[Tensor, list[Statistics] | None]:
+    """Features ``[T, B, D]`` of ``x`` ``[T, B, *shape]``, each task on its own.
+
+    ``batch_norm="running"``: :func:`map_tasks`; no statistics are returned.
+    ``batch_norm="support"``: every task is normalised with the statistics of its first
+    ``num_support`` examples (``None``: all of them, which makes ``x`` support sets), or with
+    ``recorded`` statistics of earlier support sets (one list per task); returns the
+    statistics used, which a predictor keeps to normalise later query batches the same way.
+    """
+    if batch_norm == "running":
+        return map_tasks(backbone, x).reshape(*x.shape[:2], -1), None
+    features, statistics = [], []
+    for task in range(len(x)):
+        with SupportStatistics(num_support, None if recorded is None else recorded[task]) as s:
+            features.append(backbone(x[task]).flatten(1))
+        statistics.append(s.recorded)
+    return torch.stack(features), statistics

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalab.algorithms.base import MetaLearner, TaskSpec, register
-from metalab.algorithms.pertask import map_tasks
+from metalab.algorithms.pertask import Statistics, check_batch_norm, embed_tasks
 from metalab.models import feature_shape
 from metalab.tasks import TaskBatch
 
@@ -71,10 +71,15 @@ class SequenceLearner(MetaLearner):
 
     n_way: int
     backbone: nn.Module
+    batch_norm: str = "running"  # the backbone's BatchNorm statistics (pertask.embed_tasks)
 
-    def embed(self, x: Tensor) -> Tensor:
-        """Embed ``[T, B, *shape]`` -> ``[T, B, D]``, each task on its own (``map_tasks``)."""
-        return map_tasks(self.backbone, x).reshape(*x.shape[:2], -1)
+    def embed(
+        self, x: Tensor, num_support: int | None = None,
+        recorded: list[Statistics] | None = None,
+    ) -> tuple[Tensor, list[Statistics] | None]:
+        """Embed ``[T, B, *shape]`` -> ``[T, B, D]``, each task on its own; with
+        ``batch_norm="support"`` also the support statistics used (``embed_tasks``)."""
+        return embed_tasks(self.backbone, x, self.batch_norm, num_support, recorded)
 
     def read_support(self, support: Tensor) -> Any:
         """What the learner keeps of the support steps ``[T, S, C]`` of every task."""
@@ -87,7 +92,8 @@ class SequenceLearner(MetaLearner):
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         check_n_way(batch.n_way, self.n_way, self.name)
         num_support = batch.support_x.shape[1]
-        features = self.embed(torch.cat([batch.support_x, batch.query_x], dim=1))
+        features, _ = self.embed(torch.cat([batch.support_x, batch.query_x], dim=1),
+                                 num_support)
         support = with_labels(features[:, :num_support], batch.support_y, self.n_way)
         queries = with_labels(features[:, num_support:], None, self.n_way)
         logits = self.query_logits(queries, self.read_support(support))
@@ -97,34 +103,40 @@ class SequenceLearner(MetaLearner):
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> SequencePredictor:
         check_n_way(int(support_y.max()) + 1, self.n_way, self.name)
-        support = with_labels(self.embed(support_x.unsqueeze(0)), support_y.unsqueeze(0),
-                              self.n_way)
-        return SequencePredictor(self, self.read_support(support))
+        features, statistics = self.embed(support_x.unsqueeze(0))
+        support = with_labels(features, support_y.unsqueeze(0), self.n_way)
+        return SequencePredictor(self, self.read_support(support), statistics)
 
 
 class SequencePredictor:
-    """Classifies queries from the memory a sequence learner kept of one task's support set."""
+    """Classifies queries from the memory a sequence learner kept of one task's support set
+    (and, with ``batch_norm="support"``, the support set's BatchNorm statistics)."""
 
-    def __init__(self, model: SequenceLearner, memory: Any) -> None:
-        self.model, self.memory = model, memory
+    def __init__(self, model: SequenceLearner, memory: Any,
+                 statistics: list[Statistics] | None = None) -> None:
+        self.model, self.memory, self.statistics = model, memory, statistics
 
     def __call__(self, query_x: Tensor) -> Tensor:
-        queries = with_labels(self.model.embed(query_x.unsqueeze(0)), None, self.model.n_way)
+        features, _ = self.model.embed(query_x.unsqueeze(0), recorded=self.statistics)
+        queries = with_labels(features, None, self.model.n_way)
         return self.model.query_logits(queries, self.memory)[0]
 
 
 @register
 class Recurrent(SequenceLearner):
-    """An RNN (``cell``: ``"lstm"`` or ``"gru"``) reading (embedding, one-hot label) pairs."""
+    """An RNN (``cell``: ``"lstm"`` or ``"gru"``) reading (embedding, one-hot label) pairs.
+    ``batch_norm="support"`` normalises every task with its support set's BatchNorm statistics
+    (MetaBN, :mod:`metalab.models.support_statistics`) instead of running statistics."""
 
     name = "recurrent"
     family = "model"
 
     def __init__(
         self, backbone: nn.Module, spec: TaskSpec, cell: str = "lstm", hidden_size: int = 256,
-        layers: int = 1,
+        layers: int = 1, batch_norm: str = "running",
     ) -> None:
         super().__init__()
+        self.batch_norm = check_batch_norm(batch_norm)
         if cell not in CELLS:
             raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {cell!r}.")
         if hidden_size < 1 or layers < 1:

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalab.algorithms.base import TaskSpec, register
+from metalab.algorithms.pertask import check_batch_norm
 from metalab.algorithms.recurrent import SequenceLearner
 from metalab.models import feature_shape
 
@@ -148,7 +149,9 @@ class TCBlock(nn.Module):
 class SNAIL(SequenceLearner):
     """SNAIL: attention blocks ``attention`` (``(key_size, value_size)`` each) with a TC block
     of ``filters`` channels per layer between consecutive ones, then a linear layer to
-    ``n_way`` logits. ``k_shot`` sizes the TC blocks for sequences of ``n_way * k_shot + 1``."""
+    ``n_way`` logits. ``k_shot`` sizes the TC blocks for sequences of ``n_way * k_shot + 1``.
+    ``batch_norm="support"`` normalises every task with its support set's BatchNorm statistics
+    (MetaBN, :mod:`metalab.models.support_statistics`) instead of running statistics."""
 
     name = "snail"
     family = "model"
@@ -160,8 +163,10 @@ class SNAIL(SequenceLearner):
         attention: Sequence[Sequence[int]] = ((64, 32), (256, 128), (512, 256)),
         filters: int = 128,
         k_shot: int = 1,
+        batch_norm: str = "running",
     ) -> None:
         super().__init__()
+        self.batch_norm = check_batch_norm(batch_norm)
         if not attention or any(len(sizes) != 2 or min(sizes) < 1 for sizes in attention):
             raise ValueError(f"attention must be a non-empty list of (key_size, value_size) "
                              f"pairs of positive sizes, got {attention!r}.")

@@ -9,7 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["BACKBONES", "MLP", "Conv4", "build_backbone", "feature_shape", "use_batch_statistics"]
+from metalab.models.support_statistics import SupportStatistics
+
+__all__ = ["BACKBONES", "MLP", "Conv4", "SupportStatistics", "build_backbone", "feature_shape",
+           "use_batch_statistics"]
 
 
 def conv_block(in_channels: int, out_channels: int, pool: bool, stride: int = 1) -> nn.Sequential:
