@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalab.algorithms.base import MetaLearner, TaskSpec, register
-from metalab.algorithms.pertask import Statistics, check_batch_norm, embed_tasks
-from metalab.algorithms.recurrent import check_n_way, with_labels
+from metalab.algorithms.base import TaskSpec, register
+from metalab.algorithms.pertask import Statistics, check_batch_norm
+from metalab.algorithms.recurrent import EmbeddingLearner, check_n_way, with_labels
 from metalab.models import feature_shape
 from metalab.tasks import TaskBatch
 
@@ -66,7 +66,7 @@ class MemoryState:
 
 
 @register
-class MANN(MetaLearner):
+class MANN(EmbeddingLearner):
     """Memory-augmented LSTM with LRUA writes and cosine-similarity reads.
     ``batch_norm="support"`` normalises every task with its support set's BatchNorm statistics
     (MetaBN, :mod:`metalab.models.support_statistics`) instead of running statistics."""
@@ -99,14 +99,6 @@ class MANN(MetaLearner):
         self.key = nn.Linear(controller_size, read_heads * memory_width)
         self.write_gate = nn.Parameter(torch.zeros(read_heads))  # α, one per head
         self.output = nn.Linear(controller_size + read_heads * memory_width, spec.n_way)
-
-    def embed(
-        self, x: Tensor, num_support: int | None = None,
-        recorded: list[Statistics] | None = None,
-    ) -> tuple[Tensor, list[Statistics] | None]:
-        """Embed ``[T, B, *shape]`` -> ``[T, B, D]``, each task on its own; with
-        ``batch_norm="support"`` also the support statistics used (``embed_tasks``)."""
-        return embed_tasks(self.backbone, x, self.batch_norm, num_support, recorded)
 
     def initial_state(self, batch: int, reference: Tensor) -> MemoryState:
         """Empty controller and memory for ``batch`` sequences (dtype/device of ``reference``)."""

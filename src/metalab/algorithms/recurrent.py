@@ -63,23 +63,30 @@ def repeat_state(state: State, times: int) -> State:
     return state.repeat_interleave(times, dim=1)
 
 
-class SequenceLearner(MetaLearner):
+class EmbeddingLearner(MetaLearner):
+    """A learner that embeds each task's examples with ``backbone``, each task on its own,
+    its BatchNorm on running statistics or on each task's support statistics
+    (``batch_norm``, see :func:`metalab.algorithms.pertask.embed_tasks`)."""
+
+    backbone: nn.Module
+    batch_norm: str = "running"
+
+    def embed(
+        self, x: Tensor, num_support: int | None = None,
+        recorded: list[Statistics] | None = None,
+    ) -> tuple[Tensor, list[Statistics] | None]:
+        """Embed ``[T, B, *shape]`` -> ``[T, B, D]``; with ``batch_norm="support"`` also the
+        support statistics used."""
+        return embed_tasks(self.backbone, x, self.batch_norm, num_support, recorded)
+
+
+class SequenceLearner(EmbeddingLearner):
     """A model-based learner that reads a task as a sequence: the support steps
     ``[f(x_i), onehot(y_i)]`` give a memory (``read_support``), and each query step
     ``[f(x_q), 0]`` is classified from that memory on its own (``query_logits``).
     ``meta_loss`` and ``adapt`` are the same for every such learner."""
 
     n_way: int
-    backbone: nn.Module
-    batch_norm: str = "running"  # the backbone's BatchNorm statistics (pertask.embed_tasks)
-
-    def embed(
-        self, x: Tensor, num_support: int | None = None,
-        recorded: list[Statistics] | None = None,
-    ) -> tuple[Tensor, list[Statistics] | None]:
-        """Embed ``[T, B, *shape]`` -> ``[T, B, D]``, each task on its own; with
-        ``batch_norm="support"`` also the support statistics used (``embed_tasks``)."""
-        return embed_tasks(self.backbone, x, self.batch_norm, num_support, recorded)
 
     def read_support(self, support: Tensor) -> Any:
         """What the learner keeps of the support steps ``[T, S, C]`` of every task."""
