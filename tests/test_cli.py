@@ -74,6 +74,25 @@ def test_transductive_batch_norm_normalises_the_queries_together(trained, tmp_pa
     assert json.loads(target.read_text())["batch_norm"] == "transductive"
 
 
+def test_support_statistics_model_trains_evaluates_and_refuses_batch_statistics(
+        easy_data, tmp_path, capsys) -> None:
+    """A SNAIL trained with ``batch_norm: support`` is scored with its support statistics
+    from the checkpoint alone; asking for batch statistics as well is a clear error."""
+    options = {"attention": [[8, 8], [16, 8]], "filters": 8, "batch_norm": "support"}
+    config = easy_config(tmp_path, algorithm="snail", algorithm_options=options, steps=10)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    assert main(["train", str(path), "--quiet"]) == 0
+    target = tmp_path / "t.json"  # the 50 test episodes of training, scored again
+    assert main(["evaluate", str(tmp_path / "best.pt"), "--episodes", "50", "--json",
+                 str(target), "--quiet"]) == 0
+    scored_again = json.loads(target.read_text())["mean"]
+    assert scored_again == json.loads((tmp_path / "test.json").read_text())["mean"]
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "best.pt"), "--transductive-bn", "--quiet"]) != 0
+    assert "batch_norm: support" in capsys.readouterr().err
+
+
 def _write_images(folder, images) -> list:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -489,6 +489,10 @@ def score_checkpoint(
     statistics of training. Runs on the config's device.
     """
     algo, config = load_checkpoint(path, overrides)
+    if transductive and getattr(algo, "batch_norm", "running") == "support":
+        raise ValueError(f"{path} normalises every task with its support set's statistics "
+                         f"(batch_norm: support), in training and at test; batch statistics "
+                         f"do not apply to it. Evaluate it without --transductive-bn.")
     if transductive:
         use_batch_statistics(algo)
     device = resolve_device(config.device)
