@@ -72,6 +72,10 @@ def main() -> None:
     args = parser.parse_args()
 
     algo, config = load_checkpoint(args.checkpoint)
+    if getattr(algo, "batch_norm", "running") == "support":
+        parser.error(f"{args.checkpoint} was trained with batch_norm: support, which always "
+                     f"normalises with support-set statistics; give a model trained with "
+                     f"running statistics.")
     episodes = fixed_episodes(task_sources(config, config.val_split, train=False),
                               args.episodes, VAL_SEED)
     results = {"running": evaluate(algo, episodes).mean}
