@@ -53,9 +53,11 @@ def reference_forward(kind: str, params: list[Tensor], x: Tensor) -> Tensor:
 
 def reference_meta_gradient(
     name: str, kind: str, params: list[Tensor], lrs: list[Tensor] | None, batch: TaskBatch,
-    steps: int, first_order: bool,
+    steps: int, first_order: bool, inner_batch_size: int | None = None,
 ) -> list[Tensor]:
-    """Gradient of the outer objective with respect to ``params`` (and ``lrs``), task by task."""
+    """Gradient of the outer objective with respect to ``params`` (and ``lrs``), task by task.
+    Reptile's inner step ``s`` trains on examples ``s*b .. (s+1)*b - 1`` (mod the task's
+    size) of support and query together when ``inner_batch_size`` ``b`` is given."""
     leaves = [p.detach().clone().requires_grad_() for p in params]
     lr_leaves = [a.detach().clone().requires_grad_() for a in lrs] if lrs else None
     adapted_from = len(leaves) - 2 if name == "anil" else 0  # ANIL adapts the head only
@@ -66,8 +68,11 @@ def reference_meta_gradient(
         if name == "reptile":
             sx, sy = torch.cat([sx, qx]), torch.cat([sy, qy])
         fast = list(leaves)
-        for _ in range(steps):
-            loss = F.cross_entropy(reference_forward(kind, fast, sx), sy)
+        for step in range(steps):
+            window = slice(None)
+            if inner_batch_size:
+                window = [(step * inner_batch_size + j) % len(sy) for j in range(inner_batch_size)]
+            loss = F.cross_entropy(reference_forward(kind, fast, sx[window]), sy[window])
             grads = torch.autograd.grad(loss, fast[adapted_from:],
                                         create_graph=not first_order)
             for j, g in enumerate(grads, start=adapted_from):
@@ -90,6 +95,7 @@ CASES = [  # (algorithm, options); first_order is spelled out where the algorith
     ("metasgd", {"first_order": False}),
     ("metasgd", {"first_order": True}),
     ("reptile", {}),
+    ("reptile", {"inner_batch_size": 6}),  # 15 examples a task: the third window wraps
 ]
 
 
@@ -128,7 +134,8 @@ def test_meta_gradient_equals_reference(name, options, steps, kind, layout, batc
     params = [p for n, p in algo.named_parameters() if not n.startswith("inner_lrs")]
     expected = reference_meta_gradient(name, kind, params, lrs, batch, steps,
                                        first_order=name in ("fomaml", "reptile")
-                                       or options.get("first_order", False))
+                                       or options.get("first_order", False),
+                                       inner_batch_size=options.get("inner_batch_size"))
     loss, _ = algo.meta_loss(batch)
     loss.backward()
     got = [p.grad for p in params] + ([a.grad for a in lrs] if lrs else [])
@@ -253,3 +260,20 @@ def test_learns_sinusoids(name: str) -> None:
     # Untrained, the MSE is the signal's power (about 4.2). Observed after 300 steps: MAML 0.9,
     # ANIL 1.5, Meta-SGD 0.9, Reptile 0.6.
     assert after < 0.5 * before, f"{name}: MSE {before:.2f} -> {after:.2f}"
+
+
+def test_reptile_inner_minibatches_hold_every_class_equally(batch) -> None:
+    spec = TaskSpec(kind="classification", n_way=N_WAY, input_shape=SHAPE)
+    algo = build_algorithm("reptile", mlp_backbone(), spec, inner_steps=4,
+                           inner_batch_size=2 * N_WAY)
+    labels = torch.cat([batch.support_y[0], batch.query_y[0]])  # 15 examples, 5 per class
+    windows = algo.inner_batches(len(labels))
+    assert len(windows) == 4
+    for window in windows:
+        assert torch.bincount(labels[window], minlength=N_WAY).tolist() == [2] * N_WAY
+    # A window as large as the task is the whole task: the full-batch inner loop.
+    whole = build_algorithm("reptile", mlp_backbone(), spec, inner_steps=2,
+                            inner_batch_size=len(labels))
+    assert whole.inner_batches(len(labels)) == [slice(None)] * 2
+    with pytest.raises(ValueError, match="inner_batch_size must be at least 1"):
+        build_algorithm("reptile", mlp_backbone(), spec, inner_batch_size=0)

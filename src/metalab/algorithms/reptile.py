@@ -12,6 +12,12 @@ same direction is a common variant. The inner loop trains on the task's support 
 examples together (the paper samples one training set per task); at test time ``adapt``
 takes ``test_inner_steps`` steps on the support set. Inner loop and BatchNorm as
 :class:`metalab.algorithms.maml.MAML`.
+
+``inner_batch_size`` makes each inner step see the next minibatch of the task's examples
+instead of all of them. This is what makes Reptile meta-learn rather than jointly train:
+its update's second-order term rewards steps on one minibatch that lower the loss on
+another (Nichol et al., Sec. 5 and Fig. 4), a term that vanishes when every step sees the
+same batch. The paper's Omniglot runs use minibatches of 10.
 """
 
 from __future__ import annotations
@@ -32,12 +38,16 @@ class Reptile(MAML):
     def __init__(
         self, backbone: nn.Module, spec: TaskSpec, inner_steps: int = 5,
         test_inner_steps: int | None = None, inner_lr: float = 0.1,
-        batch_norm: str = "transductive", task_workers: int | None = None,
-        vectorize: bool | None = None,
+        inner_batch_size: int | None = None, batch_norm: str = "transductive",
+        task_workers: int | None = None, vectorize: bool | None = None,
     ) -> None:
         super().__init__(backbone, spec, inner_steps, test_inner_steps, inner_lr,
                          first_order=True, batch_norm=batch_norm, task_workers=task_workers,
                          vectorize=vectorize)
+        if inner_batch_size is not None and inner_batch_size < 1:
+            raise ValueError(f"inner_batch_size must be at least 1 (or null for the whole "
+                             f"task); got {inner_batch_size}.")
+        self.inner_batch_size = inner_batch_size
 
     metric = "adapted_loss"
 
@@ -47,10 +57,22 @@ class Reptile(MAML):
         """½‖θ − stopgrad(φ)‖² for this task's SGD solution φ, and φ's loss on its data."""
         theta = self.fast_params()
         x, y = torch.cat([support_x, query_x]), torch.cat([support_y, query_y])
-        start = {name: p.detach() for name, p in theta.items()}
-        phi = self.inner_loop(start, x, y, self.inner_steps, create_graph=False)
+        phi = {name: p.detach() for name, p in theta.items()}
+        for batch in self.inner_batches(len(y)):
+            phi = self.inner_loop(phi, x[batch], y[batch], 1, create_graph=False)
         phi = {name: p.detach() for name, p in phi.items()}
         with torch.no_grad():
             adapted_loss = task_loss(self.predict(phi, x), y, self.kind)
         distance = sum(0.5 * (theta[name] - phi[name]).pow(2).sum() for name in theta)
         return distance, adapted_loss
+
+    def inner_batches(self, num_examples: int) -> list[Tensor | slice]:
+        """Which examples each inner step trains on: all of them, or consecutive windows of
+        ``inner_batch_size`` that wrap around. Episodes list the examples class by class
+        within each shot, so a window that is a multiple of ``n_way`` holds every class
+        equally often."""
+        size = self.inner_batch_size
+        if size is None or size >= num_examples:
+            return [slice(None)] * self.inner_steps
+        return [torch.arange(step * size, (step + 1) * size) % num_examples
+                for step in range(self.inner_steps)]
