@@ -17,8 +17,8 @@ What is measured
     * ``conv-as-matmul`` -- convolution as ``F.unfold`` and a matrix product (im2col + GEMM,
       which runs near the matmul peak on large shapes);
     * ``pool-as-amax`` -- 2x2 max-pool as a reshape and ``amax``;
-    * ``batchnorm-primitives`` -- BatchNorm from ``mean`` and ``var`` (as the reference in
-      ``tests/test_optimization.py``);
+    * ``batchnorm-primitives`` -- BatchNorm from ``mean`` and ``var`` (``maml_layouts.py``'s,
+      the spelling its vmap layout needs);
     * ``flush-denormals`` -- the reference with ``torch.set_flush_denormal(True)``;
     * ``grouped-query`` -- the query pass of all tasks at once as one grouped convolution over
       the tasks' adapted weights (the part with no double backward), the inner step per task.
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,9 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from maml_layouts import BN_EPS, batch_norm_primitives
+from maml_step import INNER_LR
+
 Params = dict[str, Tensor]
 Task = tuple[Tensor, Tensor, Tensor, Tensor]
-N_WAY, QUERY, INNER_LR, EPS = 5, 15, 0.4, 1e-5
+N_WAY, QUERY = 5, 15
 
 
 def conv_reference(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
@@ -69,13 +74,7 @@ def pool_as_amax(x: Tensor) -> Tensor:
 
 
 def batch_norm_reference(x: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
-    return F.batch_norm(x, None, None, gamma, beta, training=True, eps=EPS)
-
-
-def batch_norm_primitives(x: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
-    mean = x.mean(dim=(0, 2, 3), keepdim=True)
-    var = (x - mean).pow(2).mean(dim=(0, 2, 3), keepdim=True)
-    return (x - mean) * torch.rsqrt(var + EPS) * gamma[:, None, None] + beta[:, None, None]
+    return F.batch_norm(x, None, None, gamma, beta, training=True, eps=BN_EPS)
 
 
 def initial_params(seed: int) -> Params:
@@ -132,7 +131,7 @@ def grouped_query_step(p: Params, tasks: list[Task]) -> list[Tensor]:
         x = F.conv2d(x, stacked[f"w{i}"].flatten(0, 1), stacked[f"b{i}"].flatten(), padding=1,
                      groups=count)
         x = F.batch_norm(x, None, None, stacked[f"g{i}"].flatten(), stacked[f"beta{i}"].flatten(),
-                         training=True, eps=EPS)
+                         training=True, eps=BN_EPS)
         x = F.max_pool2d(F.relu(x), 2)
     features = x.view(queries, count, -1).transpose(0, 1)  # [T, Q, 64]
     logits = torch.baddbmm(stacked["head_b"][:, None], features,
