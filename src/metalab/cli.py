@@ -36,9 +36,10 @@ def _train(args: argparse.Namespace) -> None:
 
 def _train_in_group(args: argparse.Namespace, config: Config) -> None:
     from metalab import distributed
-    from metalab.train import Trainer, score_checkpoint
+    from metalab.runs import score_checkpoint
+    from metalab.train import Trainer
 
-    trainer = Trainer(config, progress=not args.quiet)
+    trainer = Trainer.from_config(config, progress=not args.quiet)
     main_rank = distributed.rank() == 0
     # After a lost worker, torchrun (--max-restarts) starts every worker again: they continue
     # from the job's last checkpoint, or start afresh if it had written none.
@@ -52,20 +53,14 @@ def _train_in_group(args: argparse.Namespace, config: Config) -> None:
     state = trainer.fit()
     if not main_rank:
         return
-    metric = "accuracy (%)" if trainer.kind == "classification" else "mse"
     chosen = ("no validation split: best.pt holds the final weights" if state.best is None
-              else f"best validation {metric} {state.best:.2f}")
+              else f"best validation {trainer.kind.metric} {state.best:.2f}{trainer.kind.unit}")
     print(f"trained {state.step} steps in {state.train_seconds:.0f} s; {chosen}")
-    _, config, result = score_checkpoint(Path(config.out) / "best.pt", progress=not args.quiet)
+    algo, config, result = score_checkpoint(Path(config.out) / "best.pt",
+                                            progress=not args.quiet)
     _write_json(Path(config.out) / "test.json", _result_record(config, result))
-    print(f"test ({_episode_words(config, result)}, best.pt): {result}")
-
-
-def _episode_words(config: Config, result: EvalResult) -> str:
-    """'5-way 1-shot' for classification, '5-shot regression' for regression."""
-    if result.metric == "mse":
-        return f"{config.test_k_shot}-shot regression"
-    return f"{config.test_n_way}-way {config.test_k_shot}-shot"
+    print(f"test ({algo.kind.describe(config.test_n_way, config.test_k_shot)}, best.pt): "
+          f"{result}")
 
 
 def _result_record(config: Config, result: EvalResult) -> dict:
@@ -81,7 +76,7 @@ def _write_json(path: Path, record: dict) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from metalab.train import score_checkpoint
+    from metalab.runs import score_checkpoint
 
     overrides = {key: value for key, value in (
         ("test_n_way", args.n_way), ("test_k_shot", args.k_shot),
@@ -89,12 +84,12 @@ def _evaluate(args: argparse.Namespace) -> None:
         ("data_dir", args.data_dir), ("device", args.device)) if value is not None}
     if args.inner_steps is not None:
         overrides["algorithm_options"] = {"test_inner_steps": args.inner_steps}
-    _, config, result = score_checkpoint(args.checkpoint, overrides, args.episodes, args.seed,
-                                         progress=not args.quiet,
-                                         transductive=args.transductive_bn)
+    algo, config, result = score_checkpoint(args.checkpoint, overrides, args.episodes,
+                                            args.seed, progress=not args.quiet,
+                                            transductive=args.transductive_bn)
     batch_norm = ", BatchNorm on batch statistics" if args.transductive_bn else ""
     print(f"{config.algorithm} on {config.dataset}/{config.test_split}, "
-          f"{_episode_words(config, result)}{batch_norm}: {result}")
+          f"{algo.kind.describe(config.test_n_way, config.test_k_shot)}{batch_norm}: {result}")
     if args.json:
         record = _result_record(config, result)
         record["batch_norm"] = "transductive" if args.transductive_bn else "as trained"
@@ -104,7 +99,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _adapt(args: argparse.Namespace) -> None:
     from metalab.data import image_format
     from metalab.data.images import read_image
-    from metalab.train import load_checkpoint
+    from metalab.runs import load_checkpoint
 
     algo, config = load_checkpoint(args.checkpoint)
     channels, size = algo.spec.input_shape[0], algo.spec.input_shape[-1]
@@ -159,7 +154,7 @@ def _datasets(args: argparse.Namespace) -> None:
         folder = data.omniglot.download(data.data_dirs(args.data_dir)[-1] / "omniglot")
         print(f"omniglot downloaded to {folder}")
     print("searched, in order: " + ", ".join(str(p) for p in data.data_dirs(args.data_dir)))
-    for name, module in {**data.CLASS_DATASETS, **data.REGRESSION_SOURCES}.items():
+    for name, module in data.DATASETS.items():
         print(f"  {name:<10} {module.status(args.data_dir)}")
 
 

@@ -2,17 +2,17 @@
 
 A suite is one or more task distributions ("parts"), each a built-in config pattern such as
 ``quick/{}``: the algorithm's own config ``quick/<algorithm>`` if there is one, else
-``quick/default`` with the algorithm swapped in. Every registered algorithm that handles a
-part's kind of task (classification or regression) trains on it, then is scored on one fixed
-set of test episodes. One row per (part, algorithm):
+``quick/default`` with the algorithm swapped in. Every registered algorithm that supports a
+part's task kind (:mod:`metalab.kinds`) trains on it, then is scored on one fixed set of test
+episodes, with the kind's score. One row per (part, algorithm):
 
     family · score ± 95% CI · training time and steps · adaptation and query latency (median)
     · parameters · peak memory while training and while adapting · gradient steps to adapt
 
 Two studies reuse the trained models or retrain them:
 
-* ``shots``: each classification model scored with 1, 2, 5, 10 support examples per class
-  (the claim that meta-learning needs fewer examples, measured);
+* ``shots``: each classifier (a kind whose targets are classes) scored with 1, 2, 5, 10
+  support examples per class (the claim that meta-learning needs fewer examples, measured);
 * ``diversity``: each model meta-trained on a fraction of the meta-train classes, chosen by
   alphabet (the warning that too similar training tasks do not generalise, measured).
 
@@ -36,6 +36,7 @@ from typing import Any
 from metalab.algorithms import ALGORITHMS
 from metalab.config import Config, builtin_configs, load_config
 from metalab.io import atomic_write_text
+from metalab.kinds import TaskKind, get_kind
 
 __all__ = ["Comparison", "Row", "parse_budget", "run_compare", "suite_parts"]
 
@@ -66,6 +67,7 @@ class Row:
     adapt_peak_mib: float | None
     adapt_grad_steps: int
     run_dir: str
+    kind: str = "classification"  # the task kind's name (metalab.kinds)
 
 
 @dataclass
@@ -105,17 +107,24 @@ def part_config(pattern: str, algorithm: str) -> Config:
     return load_config(pattern.format("default"), [f"algorithm={algorithm}"])
 
 
-def task_kind(config: Config) -> str:
-    from metalab.data import REGRESSION_SOURCES
+def task_kind(config: Config) -> TaskKind:
+    """The kind of the tasks ``config`` draws (read from its test task source)."""
+    from metalab.runs import task_sources
 
-    return "regression" if config.dataset in REGRESSION_SOURCES else "classification"
+    return task_sources(config, config.test_split, train=False).kind
 
 
-def task_label(config: Config) -> str:
+def _has_class_groups(config: Config) -> bool:
+    """Whether ``config``'s data set is a data set of classes (which the diversity study
+    subsamples by alphabet), rather than a task source of its own."""
+    from metalab.data import DATASETS
+
+    return hasattr(DATASETS.get(config.dataset), "load")
+
+
+def task_label(config: Config, kind: TaskKind) -> str:
     """How the table names a part's tasks, e.g. ``glyphs 5-way 1-shot``."""
-    if task_kind(config) == "regression":
-        return f"{config.dataset} {config.test_k_shot}-shot"
-    return f"{config.dataset} {config.test_n_way}-way {config.test_k_shot}-shot"
+    return f"{config.dataset} {kind.describe(config.test_n_way, config.test_k_shot)}"
 
 
 def parse_budget(text: str) -> float:
@@ -140,11 +149,12 @@ def _run_dir(config: Config, out: Path) -> Path:
 
 def _train_and_score(config: Config, run_dir: Path, progress: bool) -> Row:
     from metalab.memory import PeakMemory
+    from metalab.runs import TEST_SEED, score_checkpoint, task_sources
     from metalab.tasks import fixed_episodes
-    from metalab.train import TEST_SEED, Trainer, score_checkpoint, task_sources
+    from metalab.train import Trainer
 
     config.out = str(run_dir)
-    trainer = Trainer(config, progress=progress)
+    trainer = Trainer.from_config(config, progress=progress)
     with PeakMemory(trainer.device) as train_peak:
         state = trainer.fit()
     algo, _, result = score_checkpoint(run_dir / "best.pt", progress=progress)
@@ -157,7 +167,8 @@ def _train_and_score(config: Config, run_dir: Path, progress: bool) -> Row:
             for i in range(len(batch)):
                 task = batch.task(i)
                 algo.adapt(task.support_x, task.support_y)
-    return Row(task=task_label(config), algorithm=config.algorithm, family=type(algo).family,
+    return Row(task=task_label(config, algo.kind), algorithm=config.algorithm,
+               family=type(algo).family, kind=algo.kind.name,
                metric=result.metric, mean=result.mean, ci95=result.ci95,
                train_seconds=state.train_seconds, train_steps=state.step,
                adapt_ms=result.adapt_ms, query_ms=result.query_ms,
@@ -190,7 +201,7 @@ def _cached_json(path: Path, fresh: bool, compute: Callable[[], Any]) -> Any:
 def shots_curve(row: Row, shots: list[int], episodes: int, fresh: bool = False,
                 progress: bool = False) -> list[tuple[float, float, float]]:
     """``row``'s trained model scored with each number of support examples per class."""
-    from metalab.train import score_checkpoint
+    from metalab.runs import score_checkpoint
 
     def score(k: int) -> list[float]:
         _, _, result = score_checkpoint(Path(row.run_dir) / "best.pt", {"test_k_shot": k},
@@ -219,20 +230,20 @@ def diversity_curve(config: Config, row: Row, fractions: list[float], out: Path,
 
 # -- the command ---------------------------------------------------------------------------------
 
-def _selected(configs_by_part: dict[str, Config], algorithms: list[str] | None,
+def _selected(kinds_by_part: dict[str, TaskKind], algorithms: list[str] | None,
               ) -> list[tuple[str, str]]:
-    """(part, algorithm) pairs to run: each algorithm on every part of a kind it handles."""
+    """(part, algorithm) pairs to run: each algorithm on every part of a kind it supports."""
     if algorithms:
         unknown = [a for a in algorithms if a not in ALGORITHMS]
         if unknown:
             raise ValueError(f"unknown algorithm(s) {', '.join(unknown)}; registered: "
                              f"{', '.join(sorted(ALGORITHMS))}.")
     names = algorithms or sorted(ALGORITHMS)
-    pairs = [(part, name) for part, config in configs_by_part.items() for name in names
-             if task_kind(config) in ALGORITHMS[name].kinds]
+    pairs = [(part, name) for part, kind in kinds_by_part.items() for name in names
+             if ALGORITHMS[name].supports(kind)]
     unmatched = sorted(set(names) - {name for _, name in pairs})
     if algorithms and unmatched:
-        kinds = sorted({task_kind(c) for c in configs_by_part.values()})
+        kinds = sorted({kind.name for kind in kinds_by_part.values()})
         raise ValueError(f"{', '.join(unmatched)} cannot learn this suite's tasks "
                          f"({', '.join(kinds)}); choose algorithms for those tasks.")
     return pairs
@@ -252,8 +263,8 @@ def run_compare(
     (seconds) instead trains each one for that long, whatever its config's steps.
     """
     parts = suite_parts(suite)
-    defaults = {part: part_config(part, "protonet") for part in parts}  # only data is read
-    pairs = _selected(defaults, algorithms)
+    kinds = {part: task_kind(part_config(part, "protonet")) for part in parts}
+    pairs = _selected(kinds, algorithms)
     out = out / Path(suite).stem
     comparison = Comparison(rows=[])
     for part, name in pairs:
@@ -263,13 +274,13 @@ def run_compare(
         if budget is not None:
             config.steps, config.time_budget = 10**9, budget
         limit = f"{budget:.0f} s" if budget is not None else f"{config.steps} steps"
-        print(f"== {name} on {task_label(config)}: {limit} of meta-training")
+        print(f"== {name} on {task_label(config, kinds[part])}: {limit} of meta-training")
         row = run_one(config, out, fresh, progress)
         comparison.rows.append(row)
-        if shots and task_kind(config) == "classification":
+        if shots and kinds[part].classes:
             comparison.shots.setdefault(row.task, {})[name] = shots_curve(
                 row, shots, shot_episodes, fresh)
-        if diversity and task_kind(config) == "classification":
+        if diversity and _has_class_groups(config):
             comparison.diversity.setdefault(row.task, {})[name] = diversity_curve(
                 config, row, diversity, out, fresh, progress)
 
@@ -290,8 +301,7 @@ def markdown_table(rows: list[Row]) -> str:
              "query ms | params | train peak MiB | adapt peak MiB | adapt grad steps |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        score = (f"{r.mean:.2f}% ± {r.ci95:.2f}" if r.metric == "accuracy"
-                 else f"{r.mean:.3f} ± {r.ci95:.3f} MSE")
+        score = get_kind(r.kind).format(r.mean, r.ci95)
         lines.append(f"| {r.task} | {r.algorithm} | {r.family} | {score} | "
                      f"{r.train_seconds:.0f} / {r.train_steps} | {r.adapt_ms:.2f} | "
                      f"{r.query_ms:.2f} | {r.parameters:,} | {_mib(r.train_peak_mib)} | "
@@ -331,10 +341,11 @@ def write_outputs(comparison: Comparison, out: Path, plots: bool = True) -> list
 
         files += draw.score_vs_latency(rows, out / "score_vs_latency")
         files += draw.learning_curves(rows, out / "learning_curves")
+        labels = {r.task: get_kind(r.kind).label() for r in rows}
         if comparison.shots:
             files += draw.curves(comparison.shots, "support examples per class",
-                                 out / "shots", log_x=True)
+                                 out / "shots", log_x=True, y_labels=labels)
         if comparison.diversity:
             files += draw.curves(comparison.diversity, "fraction of meta-train alphabets",
-                                 out / "diversity", log_x=True)
+                                 out / "diversity", log_x=True, y_labels=labels)
     return files

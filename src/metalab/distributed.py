@@ -27,7 +27,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from metalab.evaluate import EvalResult, evaluate, mean_ci95
-from metalab.tasks import TaskBatch
+from metalab.kinds import TaskKind
+from metalab.tasks import RaggedTaskBatch, TaskBatch
 
 if TYPE_CHECKING:
     from metalab.algorithms.base import MetaLearner
@@ -38,11 +39,13 @@ __all__ = [
     "broadcast_object",
     "broadcast_tensors_",
     "evaluate_sharded",
+    "floating_buffers",
     "gather_objects",
     "launched",
     "local_device",
     "process_group",
     "rank",
+    "reduce_step",
     "restart_count",
     "restarted",
     "run_id",
@@ -210,7 +213,8 @@ def gather_objects(obj: Any) -> list[Any]:
 
 
 def evaluate_sharded(
-    algo: MetaLearner, episodes: list[TaskBatch], kind: str, device: torch.device,
+    algo: MetaLearner, episodes: list[TaskBatch | RaggedTaskBatch], kind: TaskKind,
+    device: torch.device,
 ) -> EvalResult:
     """:func:`metalab.evaluate.evaluate` with the episodes shared out between the ranks.
 
@@ -227,4 +231,37 @@ def evaluate_sharded(
     mean, ci = mean_ci95([r.mean for r in results])
     return EvalResult(metric=results[0].metric, mean=mean, ci95=ci, episodes=len(results),
                       adapt_ms=statistics.median(r.adapt_ms for r in results),
-                      query_ms=statistics.median(r.query_ms for r in results))
+                      query_ms=statistics.median(r.query_ms for r in results),
+                      unit=results[0].unit)
+
+
+def floating_buffers(algo: MetaLearner) -> list[torch.Tensor]:
+    """The buffers a training step may change (BatchNorm running statistics, ...)."""
+    return [b for b in algo.buffers() if b.is_floating_point()]
+
+
+def reduce_step(
+    algo: MetaLearner, loss: float, metrics: dict[str, float], weight: float,
+    start: list[torch.Tensor],
+) -> tuple[float, dict[str, float]]:
+    """Combine the ranks' shares of a step in one all-reduce, each weighted by ``weight``
+    (its share of the tasks): gradients (a parameter keeps no ``.grad`` only if no rank gave
+    it one), the changes of :func:`floating_buffers` since ``start`` (their values when the
+    step began), loss and metrics (the same names on every rank). Returns the whole step's
+    loss and metrics; every rank then holds the same gradients and buffers."""
+    params = [p for p in algo.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    buffers = floating_buffers(algo)
+    changes = [b - b0 for b, b0 in zip(buffers, start, strict=True)]
+    names = sorted(metrics)
+    scalars = torch.tensor([loss, *(metrics[k] for k in names),
+                            *(float(p.grad is not None) for p in params)],
+                           dtype=grads[0].dtype, device=grads[0].device)
+    weighted_sum_([*grads, *changes, scalars], weight)
+    has_grad = scalars[1 + len(names):].tolist()
+    for p, grad, given in zip(params, grads, has_grad, strict=True):
+        p.grad = grad if given else None
+    for b, b0, change in zip(buffers, start, changes, strict=True):
+        b.copy_(b0 + change)
+    values = scalars[:1 + len(names)].tolist()
+    return values[0], dict(zip(names, values[1:], strict=True))

@@ -2,8 +2,8 @@
 
 Every episode is adapted to on its own (``algo.adapt`` on its support set) and scored on its
 query set, the standard protocol (Finn et al. 2017 reference code: 600 test tasks, CI95 =
-1.96 · std / sqrt(n)). Classification reports accuracy in %, regression the mean squared
-error.
+1.96 · std / sqrt(n)). The score is the task kind's (:mod:`metalab.kinds`): accuracy in %
+for classification, the mean squared error for regression.
 """
 
 from __future__ import annotations
@@ -15,31 +15,31 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
-from metalab.tasks import TaskBatch
+from metalab.kinds import TaskKind
+from metalab.tasks import RaggedTaskBatch, TaskBatch
 
-if TYPE_CHECKING:  # metalab.algorithms imports this module (task_score)
+if TYPE_CHECKING:
     from metalab.algorithms.base import MetaLearner
 
-__all__ = ["EvalResult", "evaluate", "mean_ci95", "task_score"]
+__all__ = ["EvalResult", "evaluate", "mean_ci95"]
 
 
 @dataclass
 class EvalResult:
     """Mean and 95% CI of the per-episode score, and median latencies in milliseconds."""
 
-    metric: str  # "accuracy" (%) or "mse"
+    metric: str  # the task kind's score: "accuracy", "mse", ...
     mean: float
     ci95: float
     episodes: int
     adapt_ms: float  # median time of algo.adapt on one support set
     query_ms: float  # median time of one predictor call on one query set
+    unit: str = ""  # "%" for accuracy
 
     def __str__(self) -> str:
-        unit = "%" if self.metric == "accuracy" else ""
-        return (f"{self.metric} {self.mean:.2f}{unit} ± {self.ci95:.2f} over {self.episodes} "
+        return (f"{self.metric} {self.mean:.2f}{self.unit} ± {self.ci95:.2f} over {self.episodes} "
                 f"episodes; adapt {self.adapt_ms:.2f} ms, query {self.query_ms:.2f} ms (median)")
 
     def to_dict(self) -> dict[str, float | int | str]:
@@ -59,13 +59,6 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
     return mean, 1.96 * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def task_score(output: Tensor, target: Tensor, kind: str) -> Tensor:
-    """One task's score: accuracy as a fraction (classification) or mean squared error."""
-    if kind == "classification":
-        return (output.argmax(-1) == target).float().mean()
-    return (output - target).pow(2).mean()
-
-
 def _now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -73,13 +66,15 @@ def _now(device: torch.device) -> float:
 
 
 def evaluate(
-    algo: MetaLearner, episodes: list[TaskBatch], kind: str = "classification",
-    device: torch.device | str = "cpu", progress: bool = False,
+    algo: MetaLearner, episodes: list[TaskBatch | RaggedTaskBatch],
+    kind: TaskKind | None = None, device: torch.device | str = "cpu", progress: bool = False,
 ) -> EvalResult:
-    """Adapt to and score every task of ``episodes`` (see :func:`metalab.tasks.fixed_episodes`).
+    """Adapt to and score every task of ``episodes`` (see :func:`metalab.tasks.fixed_episodes`)
+    with ``kind``'s score (default: the kind the algorithm was built for).
 
     The algorithm is put in eval mode for the duration and restored afterwards.
     """
+    kind = kind or algo.kind
     device = torch.device(device)
     was_training = algo.training
     algo.eval()
@@ -98,14 +93,13 @@ def evaluate(
                     done = _now(device)
                     adapt_times.append(adapted - start)
                     query_times.append(done - adapted)
-                    score = task_score(output, task.query_y, kind).item()
-                    scores.append(score * 100 if kind == "classification" else score)
+                    scores.append(kind.score(output, task.query_y).item() * kind.report_scale)
                     bar.update()
     finally:
         algo.train(was_training)
     mean, ci = mean_ci95(scores)
     return EvalResult(
-        metric="accuracy" if kind == "classification" else "mse", mean=mean, ci95=ci,
-        episodes=len(scores), adapt_ms=statistics.median(adapt_times) * 1e3,
-        query_ms=statistics.median(query_times) * 1e3,
+        metric=kind.metric, mean=mean, ci95=ci, episodes=len(scores),
+        adapt_ms=statistics.median(adapt_times) * 1e3,
+        query_ms=statistics.median(query_times) * 1e3, unit=kind.unit,
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import matplotlib
 
@@ -21,11 +21,24 @@ matplotlib.use("Agg")  # files only: no display needed, safe in threads and on s
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from metalab.kinds import get_kind
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from metalab.compare import Row
+
+class Row(Protocol):
+    """What the plots read of a comparison row (:class:`metalab.compare.Row`)."""
+
+    task: str
+    algorithm: str
+    family: str
+    kind: str
+    mean: float
+    ci95: float
+    adapt_ms: float
+    run_dir: str
 
 __all__ = ["curves", "learning_curves", "score_vs_latency"]
 
@@ -40,10 +53,6 @@ def _style(i: int) -> dict[str, object]:
     """Line ``i``'s colour and marker: no two of a panel's first 20 lines look alike."""
     return {"color": LINE_COLOURS[i % len(LINE_COLOURS)], "marker": MARKERS[i % len(MARKERS)],
             "markersize": 4}
-
-
-def _score_label(metric: str) -> str:
-    return "accuracy (%)" if metric == "accuracy" else "MSE (lower is better)"
 
 
 def _panels(count: int, width: float = 6.4) -> tuple[Figure, list[Axes]]:
@@ -108,7 +117,7 @@ def score_vs_latency(rows: Sequence[Row], stem: Path) -> list[Path]:
         _plain_log(ax, "x")
         _label_points(ax, [(r.adapt_ms, r.mean, r.algorithm) for r in task_rows])
         ax.set_xlabel("adaptation latency per new task (ms, median, log scale)")
-        ax.set_ylabel(_score_label(task_rows[0].metric))
+        ax.set_ylabel(get_kind(task_rows[0].kind).label())
         ax.set_title(task)
         ax.grid(alpha=0.3)
         handles = [plt.Line2D([], [], color=FAMILY_COLOURS[f], marker="o", linestyle="",
@@ -140,8 +149,9 @@ def learning_curves(rows: Sequence[Row], stem: Path) -> list[Path]:
             seconds, scores, _ = _validation_curve(Path(row.run_dir))
             ax.plot(seconds, scores, label=f"{row.algorithm} ({row.family})", **_style(i))
         ax.set_xlabel("meta-training time (s)")
-        ax.set_ylabel("validation " + _score_label(task_rows[0].metric))
-        if task_rows[0].metric != "accuracy":
+        kind = get_kind(task_rows[0].kind)
+        ax.set_ylabel("validation " + kind.label())
+        if not kind.higher_is_better:  # errors shrink by orders of magnitude
             _plain_log(ax, "y")
         ax.set_title(task)
         ax.grid(alpha=0.3)
@@ -151,9 +161,10 @@ def learning_curves(rows: Sequence[Row], stem: Path) -> list[Path]:
 
 def curves(
     data: dict[str, dict[str, list[tuple[float, float, float]]]], x_label: str, stem: Path,
-    log_x: bool = False,
+    log_x: bool = False, y_labels: dict[str, str] | None = None,
 ) -> list[Path]:
-    """``data[task][algorithm]`` = [(x, mean, ci95), ...] as lines with CI bands."""
+    """``data[task][algorithm]`` = [(x, mean, ci95), ...] as lines with CI bands;
+    ``y_labels[task]`` names the score (default: accuracy)."""
     fig, axes = _panels(len(data))
     for ax, (task, by_algorithm) in zip(axes, data.items(), strict=True):
         for i, (name, curve) in enumerate(by_algorithm.items()):
@@ -167,7 +178,7 @@ def curves(
             xs = sorted({point[0] for curve in by_algorithm.values() for point in curve})
             ax.set_xticks(xs, [f"{v:g}" for v in xs])
         ax.set_xlabel(x_label)
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel("test " + (y_labels or {}).get(task, "accuracy (%)"))
         ax.set_title(task)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the lines

@@ -11,6 +11,13 @@ whole meta-batch in one call::
 Sampling from a :class:`ClassDataset` is a handful of tensor operations driven by a seeded
 ``torch.Generator``: no per-image Python, and the same seed gives the same episodes on every
 machine.
+
+Tasks of different sizes (a user with 13 ratings beside one with 90) form a
+:class:`RaggedTaskBatch`: the tasks as they are, grouped on demand into dense batches of
+tasks that have the same sizes (:meth:`RaggedTaskBatch.groups`). The trainer computes a
+ragged meta-batch group by group, weighting each by its share of the tasks, which equals
+the tasks computed one at a time; dense N-way K-shot episodes are one group and keep the
+fast path. ``benchmarks/ragged_tasks.py`` measures this against padding with a mask.
 """
 
 from __future__ import annotations
@@ -22,14 +29,18 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from metalab.kinds import CLASSIFICATION, TaskKind
+
 __all__ = [
     "ClassDataset",
     "EpisodeSampler",
+    "RaggedTaskBatch",
     "Task",
     "TaskBatch",
     "TaskSource",
     "fixed_episodes",
     "sample_tasks",
+    "stack_tasks",
     "step_generator",
     "task_generator",
 ]
@@ -81,17 +92,20 @@ class TaskBatch:
                     self.query_x[index], self.query_y[index])
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TaskBatch:
-        """Move to ``device``; ``dtype`` (if given) applies to the inputs and float targets."""
+        """Move to ``device``; ``dtype`` (if given) applies to floating-point tensors only
+        (integer inputs such as token or item ids, labels and class ids keep their type)."""
 
-        def move(t: Tensor | None, is_input: bool) -> Tensor | None:
+        def move(t: Tensor | None) -> Tensor | None:
             if t is None:
                 return None
-            cast = dtype if dtype is not None and (is_input or t.is_floating_point()) else None
-            return t.to(device=device, dtype=cast)
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
-        return TaskBatch(move(self.support_x, True), move(self.support_y, False),
-                         move(self.query_x, True), move(self.query_y, False),
-                         move(self.classes, False))
+        return TaskBatch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
+    def sizes(self) -> tuple[tuple[int, ...], ...]:
+        """The shapes of one task's tensors: tasks with equal sizes stack densely."""
+        return tuple(() if t is None else tuple(t.shape[1:])
+                     for t in (getattr(self, f.name) for f in fields(self)))
 
     @staticmethod
     def stack(batches: list[TaskBatch]) -> TaskBatch:
@@ -107,12 +121,66 @@ def _maybe(t: Tensor | None, index: slice) -> Tensor | None:
     return None if t is None else t[index]
 
 
+@dataclass(frozen=True)
+class RaggedTaskBatch:
+    """``T`` tasks whose support or query sets differ in size, each a :class:`TaskBatch` of
+    one task. Indexing, :meth:`task` and :meth:`to` work as on a :class:`TaskBatch`;
+    :meth:`groups` stacks the tasks of equal sizes into dense batches."""
+
+    tasks: tuple[TaskBatch, ...]
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, index: int | slice) -> TaskBatch | RaggedTaskBatch:
+        """Task ``index`` as a batch of one (int), or the tasks in a slice."""
+        if isinstance(index, int):
+            return self.tasks[index]
+        return stack_tasks(list(self.tasks[index]))
+
+    def task(self, index: int) -> Task:
+        return self.tasks[index].task(0)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None,
+           ) -> RaggedTaskBatch:
+        return RaggedTaskBatch(tuple(t.to(device, dtype) for t in self.tasks))
+
+    def groups(self) -> list[tuple[list[int], TaskBatch]]:
+        """``(indices, batch)`` per distinct task size, in order of first appearance:
+        ``batch`` stacks the tasks ``indices`` densely."""
+        by_size: dict[tuple, list[int]] = {}
+        for i, task in enumerate(self.tasks):
+            by_size.setdefault(task.sizes(), []).append(i)
+        return [(indices, TaskBatch.stack([self.tasks[i] for i in indices]))
+                for indices in by_size.values()]
+
+
+def stack_tasks(batches: list[TaskBatch | RaggedTaskBatch]) -> TaskBatch | RaggedTaskBatch:
+    """Concatenate batches along the task dimension: a dense :class:`TaskBatch` when every
+    task has the same sizes, else a :class:`RaggedTaskBatch`."""
+    singles = [b[i] for b in batches for i in range(len(b))] if any(
+        isinstance(b, RaggedTaskBatch) for b in batches) else batches
+    if len({b.sizes() for b in singles}) == 1:
+        return TaskBatch.stack(singles)
+    return RaggedTaskBatch(tuple(b[i] for b in singles for i in range(len(b))))
+
+
 class TaskSource(Protocol):
-    """Anything that draws batches of tasks: image episodes, sinusoids, user task families."""
+    """Anything that draws batches of tasks: image episodes, sinusoids, users, ...
 
-    kind: str  # "classification" or "regression"
+    ``kind`` says what the tasks ask (:mod:`metalab.kinds`); ``sample`` returns a
+    :class:`TaskBatch`, or a :class:`RaggedTaskBatch` when its tasks differ in size. Nothing
+    else is required: a source for a new domain needs no base class.
+    """
 
-    def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch: ...
+    kind: TaskKind
+
+    def sample(self, num_tasks: int, generator: torch.Generator,
+               ) -> TaskBatch | RaggedTaskBatch: ...
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -135,10 +203,11 @@ def task_generator(seed: int, step: int, index: int) -> torch.Generator:
         ((seed * 1_000_003 + step) * 1_000_033 + index) % (2**63 - 1))
 
 
-def sample_tasks(source: TaskSource, seed: int, step: int, indices: Iterable[int]) -> TaskBatch:
+def sample_tasks(source: TaskSource, seed: int, step: int, indices: Iterable[int],
+                 ) -> TaskBatch | RaggedTaskBatch:
     """Tasks ``indices`` of training step ``step``'s meta-batch, each drawn from its own
-    :func:`task_generator`, stacked in the order given."""
-    return TaskBatch.stack([source.sample(1, task_generator(seed, step, i)) for i in indices])
+    :func:`task_generator`, stacked in the order given (:func:`stack_tasks`)."""
+    return stack_tasks([source.sample(1, task_generator(seed, step, i)) for i in indices])
 
 
 @dataclass
@@ -186,7 +255,7 @@ class EpisodeSampler:
     query never share an example. Labels are the position of the class in the task (0..N-1).
     """
 
-    kind = "classification"
+    kind = CLASSIFICATION
 
     def __init__(self, dataset: ClassDataset, n_way: int, k_shot: int, q_query: int) -> None:
         if min(n_way, k_shot, q_query) < 1:
@@ -209,6 +278,11 @@ class EpisodeSampler:
         self.dataset = dataset
         self.n_way, self.k_shot, self.q_query = n_way, k_shot, q_query
         self.eligible = eligible
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the data set (what a baseline pretrained on all of them predicts)."""
+        return self.dataset.num_classes
 
     def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
         n, k, q = self.n_way, self.k_shot, self.q_query
@@ -237,7 +311,7 @@ class EpisodeSampler:
 
 def fixed_episodes(
     source: TaskSource, num_episodes: int, seed: int, chunk: int = 50
-) -> list[TaskBatch]:
+) -> list[TaskBatch | RaggedTaskBatch]:
     """A fixed, seeded list of evaluation batches (``chunk`` tasks each, ``num_episodes`` total).
 
     Every algorithm evaluated with the same ``(source, num_episodes, seed)`` is scored on

@@ -23,6 +23,8 @@ from metalab.algorithms.base import (
     TaskSpec,
     build_algorithm,
     register,
+    task_spec,
 )
 
-__all__ = ["ALGORITHMS", "MetaLearner", "Predictor", "TaskSpec", "build_algorithm", "register"]
+__all__ = ["ALGORITHMS", "MetaLearner", "Predictor", "TaskSpec", "build_algorithm", "register",
+           "task_spec"]

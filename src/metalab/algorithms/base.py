@@ -17,11 +17,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from metalab.tasks import TaskBatch
+from metalab.kinds import CLASSIFICATION, TaskKind, get_kind
+from metalab.tasks import TaskBatch, TaskSource
 
 __all__ = [
     "ALGORITHMS",
@@ -30,6 +33,7 @@ __all__ = [
     "TaskSpec",
     "build_algorithm",
     "register",
+    "task_spec",
 ]
 
 Predictor = Callable[[Tensor], Tensor]
@@ -39,16 +43,57 @@ Predictor = Callable[[Tensor], Tensor]
 class TaskSpec:
     """What an algorithm needs to know about its tasks to build its layers.
 
-    ``n_way`` is the number of classes per training task (0 for regression),
+    ``kind`` is the :class:`~metalab.kinds.TaskKind` (a registered kind's name is accepted),
+    ``n_way`` the number of classes per training task (0 when targets are values),
     ``num_classes`` the number of meta-training classes (used by the fine-tune baseline),
-    ``input_shape`` the shape of one example and ``output_dim`` the regression target size.
+    ``input_shape`` and ``input_dtype`` describe one example (integer ids for embeddings),
+    ``output_dim`` the size of a value target.
     """
 
-    kind: str = "classification"
+    kind: TaskKind = CLASSIFICATION
     n_way: int = 5
     input_shape: tuple[int, ...] = (1, 28, 28)
     num_classes: int = 0
     output_dim: int = 1
+    input_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", get_kind(self.kind))
+        object.__setattr__(self, "input_shape", tuple(self.input_shape))
+
+    @property
+    def outputs(self) -> int:
+        """Outputs per query of a predictor for these tasks (classes or target size)."""
+        return self.kind.output_size(self.n_way, self.output_dim)
+
+    def example(self, batch: int = 2) -> Tensor:
+        """A batch of zero inputs, e.g. to find a backbone's feature shape by a dry run."""
+        return torch.zeros(batch, *self.input_shape, dtype=self.input_dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (kind and dtype by name), as checkpoints store them."""
+        return {**asdict(self), "kind": self.kind.name, "input_shape": list(self.input_shape),
+                "input_dtype": str(self.input_dtype).removeprefix("torch.")}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TaskSpec:
+        dtype = getattr(torch, values.get("input_dtype", "float32"))
+        return cls(**{**values, "input_dtype": dtype})
+
+
+def task_spec(source: TaskSource) -> TaskSpec:
+    """What an algorithm must know to learn ``source``'s tasks, read from one task it draws
+    (a fixed generator: the global random state is not touched)."""
+    probe = source.sample(1, torch.Generator().manual_seed(0))
+    task = probe.task(0)
+    kind = source.kind
+    spec = TaskSpec(kind=kind, n_way=0, input_shape=tuple(task.support_x.shape[1:]),
+                    num_classes=getattr(source, "num_classes", 0),
+                    input_dtype=task.support_x.dtype)
+    if kind.classes:
+        n_way = probe.n_way if isinstance(probe, TaskBatch) else int(task.support_y.max()) + 1
+        return replace(spec, n_way=getattr(source, "n_way", n_way))
+    return replace(spec, output_dim=task.support_y.shape[-1])
 
 
 class MetaLearner(nn.Module, ABC):
@@ -56,15 +101,29 @@ class MetaLearner(nn.Module, ABC):
 
     name: str = ""
     family: str = ""  # "metric", "optimization", "model" or "baseline"
-    kinds: tuple[str, ...] = ("classification",)  # task kinds the algorithm supports
-    spec: TaskSpec  # set by build_algorithm: the tasks it was built for
+    spec: TaskSpec  # the tasks it was built for
+    kind: TaskKind  # spec.kind: the loss, score and outputs of those tasks
     # Options that do not change the weights (e.g. test-time steps): a checkpoint may be
     # evaluated with other values than it was trained with.
     runtime_options: tuple[str, ...] = ()
 
+    def __init__(self, spec: TaskSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.kind = spec.kind
+
+    @classmethod
+    def supports(cls, kind: TaskKind) -> bool:
+        """Whether the algorithm can learn tasks of ``kind``. By default: tasks whose
+        targets are classes (the metric family, most model-based learners)."""
+        return kind.classes
+
     @abstractmethod
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
-        """Differentiable loss of a meta-batch, and metrics (floats) for the log."""
+        """Differentiable loss of a dense meta-batch, and metrics (floats) for the log.
+        (A :class:`~metalab.tasks.RaggedTaskBatch` goes through
+        :func:`metalab.train.meta_backward`, which hands each group of equal-size tasks
+        here.)"""
 
     @abstractmethod
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Predictor:
@@ -103,10 +162,11 @@ def build_algorithm(
             f"unknown algorithm {name!r}; registered algorithms: {', '.join(sorted(ALGORITHMS))}."
         )
     cls = ALGORITHMS[name]
-    if spec.kind not in cls.kinds:
+    if not cls.supports(spec.kind):
+        able = sorted(n for n, c in ALGORITHMS.items() if c.supports(spec.kind))
         raise ValueError(
-            f"{name} handles {' and '.join(cls.kinds)} tasks, not {spec.kind}; "
-            f"choose another algorithm or task source."
+            f"{name} cannot learn {spec.kind.name} tasks; algorithms that can: "
+            f"{', '.join(able) or '(none)'}."
         )
     params = inspect.signature(cls.__init__).parameters
     valid = [p for p in params if p not in ("self", "backbone", "spec")]
@@ -116,6 +176,4 @@ def build_algorithm(
             f"unknown option(s) {', '.join(unknown)} for algorithm {name}; "
             f"valid options: {', '.join(valid) or '(none)'}."
         )
-    algo = cls(backbone, spec, **options)
-    algo.spec = spec
-    return algo
+    return cls(backbone, spec, **options)

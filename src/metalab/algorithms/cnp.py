@@ -41,8 +41,9 @@ from torch import Tensor, nn
 from torch.distributions import Categorical, Distribution, Normal
 
 from metalab.algorithms.base import MetaLearner, TaskSpec, register
+from metalab.algorithms.model_based import check_n_way
 from metalab.algorithms.pertask import map_tasks
-from metalab.algorithms.recurrent import check_n_way
+from metalab.kinds import TaskKind
 from metalab.models import feature_shape
 from metalab.tasks import TaskBatch
 
@@ -62,14 +63,18 @@ class CNP(MetaLearner):
 
     name = "cnp"
     family = "model"
-    kinds = ("regression", "classification")
+
+    @classmethod
+    def supports(cls, kind: TaskKind) -> bool:
+        """Class targets (one representation per class) and value targets (a Normal)."""
+        return True
 
     def __init__(
         self, backbone: nn.Module, spec: TaskSpec,
         encoder_sizes: Sequence[int] = (128, 128, 128),
         decoder_sizes: Sequence[int] = (128, 128, 128, 128), min_std: float = 0.1,
     ) -> None:
-        super().__init__()
+        super().__init__(spec)
         if not encoder_sizes or min(encoder_sizes) < 1 or min(decoder_sizes, default=1) < 1:
             raise ValueError(f"encoder_sizes must be a non-empty list of positive widths and "
                              f"decoder_sizes a list of positive widths, got {encoder_sizes!r} "
@@ -77,12 +82,11 @@ class CNP(MetaLearner):
         if not 0.0 <= min_std < 1.0:
             raise ValueError(f"min_std must be in [0, 1), got {min_std}.")
         self.backbone = backbone
-        self.kind = spec.kind
         self.n_way = spec.n_way
         self.min_std = min_std
-        features = math.prod(feature_shape(backbone, spec.input_shape))
-        targets = spec.n_way if spec.kind == "classification" else spec.output_dim
-        outputs = 1 if spec.kind == "classification" else 2 * spec.output_dim  # logit | μ, σ
+        features = math.prod(feature_shape(backbone, spec.input_shape, spec.input_dtype))
+        outputs = 1 if spec.kind.classes else 2 * spec.output_dim  # a class's logit | μ, σ
+        targets = spec.outputs
         self.encoder = mlp([features + targets, *encoder_sizes])
         self.decoder = mlp([encoder_sizes[-1] + features, *decoder_sizes, outputs])
 
@@ -94,7 +98,7 @@ class CNP(MetaLearner):
         """``r`` of support sets: features ``[T, S, D]``, targets ``[T, S, ...]``; ``[T, 1, R]``
         for regression, ``[T, N, R]`` (one mean per class) for classification, whose class
         indices are encoded one-hot."""
-        if self.kind == "regression":
+        if not self.kind.classes:
             return self.encoder(torch.cat([features, y], -1)).mean(1, keepdim=True)
         onehot = F.one_hot(y, self.n_way).to(features.dtype)  # [T, S, N]
         encoded = self.encoder(torch.cat([features, onehot], -1))  # [T, S, R]
@@ -104,7 +108,7 @@ class CNP(MetaLearner):
     def decode(self, representation: Tensor, features: Tensor) -> Tensor:
         """Decoder outputs of query features ``[T, Q, D]``: ``[T, Q, 2 * output_dim]``
         (regression) or the logits ``[T, Q, N]`` (classification)."""
-        if self.kind == "regression":
+        if not self.kind.classes:
             r = representation.expand(-1, features.shape[1], -1)
             return self.decoder(torch.cat([r, features], -1))
         (tasks, queries, _), classes = features.shape, representation.shape[1]
@@ -114,28 +118,27 @@ class CNP(MetaLearner):
 
     def distribution(self, output: Tensor) -> Distribution:
         """The predictive distribution a decoder output stands for."""
-        if self.kind == "classification":
+        if self.kind.classes:
             return Categorical(logits=output)
         mean, raw_std = output.chunk(2, dim=-1)
         return Normal(mean, self.min_std + (1 - self.min_std) * F.softplus(raw_std))
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
-        if self.kind == "classification":
+        if self.kind.classes:
             check_n_way(batch.n_way, self.n_way, self.name)
         num_support = batch.support_x.shape[1]
         features = self.embed(torch.cat([batch.support_x, batch.query_x], dim=1))
         representation = self.represent(features[:, :num_support], batch.support_y)
         output = self.decode(representation, features[:, num_support:])
-        if self.kind == "classification":
-            loss = F.cross_entropy(output.flatten(0, 1), batch.query_y.flatten())
-            accuracy = (output.argmax(-1) == batch.query_y).float().mean()
-            return loss, {"accuracy": accuracy.item()}
+        if self.kind.classes:
+            return self.kind.objective(output, batch.query_y)
         predicted = self.distribution(output)
         loss = -predicted.log_prob(batch.query_y).mean()
-        return loss, {"mse": (predicted.mean - batch.query_y).pow(2).mean().item()}
+        return loss, {self.kind.metric: self.kind.score(predicted.mean.detach(),
+                                                        batch.query_y).item()}
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> CNPPredictor:
-        if self.kind == "classification":
+        if self.kind.classes:
             check_n_way(int(support_y.max()) + 1, self.n_way, self.name)
         features = self.embed(support_x.unsqueeze(0))
         return CNPPredictor(self, self.represent(features, support_y.unsqueeze(0)))
@@ -158,6 +161,6 @@ class CNPPredictor:
 
     def __call__(self, query_x: Tensor) -> Tensor:
         output = self.output(query_x)
-        if self.model.kind == "classification":
+        if self.model.kind.classes:
             return output
         return self.model.distribution(output).mean

@@ -78,7 +78,7 @@ class FineTune(MetaLearner):
         finetune_all: bool = False,
         backbone_lr: float = 0.001,
     ) -> None:
-        super().__init__()
+        super().__init__(spec)
         if spec.num_classes < 1:
             raise ValueError(
                 f"finetune pretrains a classifier over all meta-training classes, so it needs "
@@ -97,7 +97,7 @@ class FineTune(MetaLearner):
         self.cosine_scale = cosine_scale if head == "cosine" else None
         self.finetune_steps, self.finetune_lr = finetune_steps, finetune_lr
         self.finetune_all, self.backbone_lr = finetune_all, backbone_lr
-        dim = math.prod(feature_shape(backbone, spec.input_shape))
+        dim = math.prod(feature_shape(backbone, spec.input_shape, spec.input_dtype))
         self.classifier = nn.Linear(dim, spec.num_classes, bias=head == "linear")
 
     def adaptation_steps(self) -> int:
@@ -129,9 +129,9 @@ class FineTune(MetaLearner):
         num_support, num_query = batch.support_y.shape[1], batch.query_y.shape[1]
         query_logits = logits.view(batch.num_tasks, num_support + num_query, -1)[:, num_support:]
         task_logits = query_logits.gather(2, batch.classes.unsqueeze(1).expand(-1, num_query, -1))
-        accuracy = (task_logits.argmax(-1) == batch.query_y).float().mean()
         global_accuracy = (logits.argmax(-1) == labels.flatten()).float().mean()
-        return loss, {"accuracy": accuracy.item(), "global_accuracy": global_accuracy.item()}
+        return loss, {**self.kind.metrics(task_logits, batch.query_y),
+                      "global_accuracy": global_accuracy.item()}
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> FineTunePredictor:
         n_way = int(support_y.max()) + 1
@@ -159,7 +159,7 @@ class FineTune(MetaLearner):
                 if self.finetune_all:
                     features = backbone(support_x).flatten(1)
                 logits = head_logits(features, weight, bias, self.cosine_scale)
-                loss = F.cross_entropy(logits, support_y)
+                loss = self.kind.loss(logits, support_y)
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()

@@ -33,14 +33,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from metalab.algorithms.base import MetaLearner, TaskSpec, register
 from metalab.algorithms.parallel import parallel_meta_loss
 from metalab.algorithms.pertask import each_task
-from metalab.evaluate import task_score
+from metalab.kinds import TaskKind
 from metalab.models import feature_shape, use_batch_statistics
 from metalab.tasks import TaskBatch
 
@@ -48,13 +47,6 @@ Params = dict[str, Tensor]
 
 LEARNED_LR_MODES = ("none", "layer", "layer_step", "element")
 BATCH_NORM_MODES = ("transductive", "running")
-
-
-def task_loss(output: Tensor, target: Tensor, kind: str) -> Tensor:
-    """Cross-entropy for classification, mean squared error for regression."""
-    if kind == "classification":
-        return F.cross_entropy(output, target)
-    return F.mse_loss(output, target)
 
 
 @register
@@ -73,7 +65,6 @@ class MAML(MetaLearner):
 
     name = "maml"
     family = "optimization"
-    kinds = ("classification", "regression")
     runtime_options = ("test_inner_steps", "task_workers", "vectorize")  # free after training
 
     def __init__(
@@ -82,7 +73,7 @@ class MAML(MetaLearner):
         learn_inner_lr: str = "none", batch_norm: str = "transductive",
         task_workers: int | None = None, vectorize: bool | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(spec)
         if learn_inner_lr not in LEARNED_LR_MODES:
             raise ValueError(f"learn_inner_lr must be one of {', '.join(LEARNED_LR_MODES)}; "
                              f"got {learn_inner_lr!r}.")
@@ -91,7 +82,6 @@ class MAML(MetaLearner):
                              f"got {batch_norm!r}.")
         if inner_steps < 1 or (test_inner_steps is not None and test_inner_steps < 1):
             raise ValueError("inner_steps and test_inner_steps must be at least 1.")
-        self.kind = spec.kind
         self.inner_steps = inner_steps
         self.test_inner_steps = test_inner_steps or inner_steps
         self.first_order = first_order
@@ -99,14 +89,20 @@ class MAML(MetaLearner):
         self.task_workers, self.vectorize = task_workers, vectorize
         if batch_norm == "transductive":
             use_batch_statistics(backbone)
-        outputs = spec.n_way if spec.kind == "classification" else spec.output_dim
         self.backbone = backbone
-        self.head = nn.Linear(math.prod(feature_shape(backbone, spec.input_shape)), outputs)
+        features = math.prod(feature_shape(backbone, spec.input_shape, spec.input_dtype))
+        self.head = nn.Linear(features, spec.outputs)
         self.inner_lr = inner_lr
         if learn_inner_lr != "none":
             self.inner_lrs = nn.ParameterDict()  # filled in order (a dict would be sorted)
             for key, p in self.fast_params().items():
                 self.inner_lrs[key.replace(".", "-")] = self._initial_lr(p, inner_lr)
+
+    @classmethod
+    def supports(cls, kind: TaskKind) -> bool:
+        """Any kind whose loss is a function of the network's predictions: the inner and
+        outer losses are the kind's."""
+        return True
 
     def _initial_lr(self, param: Tensor, value: float) -> Tensor:
         shape = {"layer": (), "layer_step": (self.inner_steps,),
@@ -153,8 +149,7 @@ class MAML(MetaLearner):
         buffers = dict(self.named_buffers())
         for step in range(steps):
             def support_loss(fast: Params, buffers: Params) -> Tensor:
-                return task_loss(self.predict({**fast, **buffers}, support_x), support_y,
-                                 self.kind)
+                return self.kind.loss(self.predict({**fast, **buffers}, support_x), support_y)
 
             grads = grad(support_loss)(params, buffers)
             params = {name: p - self.step_size(name, step) *
@@ -166,22 +161,22 @@ class MAML(MetaLearner):
 
     @property
     def metric(self) -> str:
-        """Name of the per-task metric that ``task_objective`` returns."""
-        return "accuracy" if self.kind == "classification" else "mse"
+        """Name of the per-task metric that ``task_objective`` returns (the kind's)."""
+        return self.kind.metric
 
     def task_objective(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        """Adapt to one task's support set: the differentiable query loss, and the metric
-        (accuracy or MSE) of the adapted network on the query set."""
+        """Adapt to one task's support set: the differentiable query loss, and the score of
+        the adapted network on the query set (both the task kind's)."""
         support, query = self.features(support_x), self.features(query_x)
         if self.first_order:
             support = support.detach()  # no path from the support set to θ except the step
         params = self.inner_loop(self.fast_params(), support, support_y,
                                  self.inner_steps, create_graph=not self.first_order)
         output = self.predict(params, query)
-        score = task_score(output.detach(), query_y, self.kind)
-        return task_loss(output, query_y, self.kind), score
+        score = self.kind.score(output.detach(), query_y)
+        return self.kind.loss(output, query_y), score
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)

@@ -41,10 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalab.algorithms.base import TaskSpec, register
-from metalab.algorithms.pertask import Statistics, check_batch_norm
-from metalab.algorithms.recurrent import EmbeddingLearner, check_n_way, with_labels
+from metalab.algorithms.model_based import SequenceLearner
+from metalab.algorithms.pertask import check_batch_norm
 from metalab.models import feature_shape
-from metalab.tasks import TaskBatch
 
 INITIAL_MEMORY = 1e-6  # the memory starts (almost) empty; nonzero so that cosines are defined
 
@@ -66,7 +65,7 @@ class MemoryState:
 
 
 @register
-class MANN(EmbeddingLearner):
+class MANN(SequenceLearner):
     """Memory-augmented LSTM with LRUA writes and cosine-similarity reads.
     ``batch_norm="support"`` normalises every task with its support set's BatchNorm statistics
     (MetaBN, :mod:`metalab.models.support_statistics`) instead of running statistics."""
@@ -79,7 +78,7 @@ class MANN(EmbeddingLearner):
         memory_slots: int = 128, memory_width: int = 40, read_heads: int = 4,
         usage_decay: float = 0.95, batch_norm: str = "running",
     ) -> None:
-        super().__init__()
+        super().__init__(spec)
         self.batch_norm = check_batch_norm(batch_norm)
         if min(controller_size, memory_slots, memory_width, read_heads) < 1:
             raise ValueError("controller_size, memory_slots, memory_width and read_heads must "
@@ -93,7 +92,7 @@ class MANN(EmbeddingLearner):
         self.n_way = spec.n_way
         self.slots, self.width, self.heads = memory_slots, memory_width, read_heads
         self.usage_decay = usage_decay
-        features = math.prod(feature_shape(backbone, spec.input_shape))
+        features = math.prod(feature_shape(backbone, spec.input_shape, spec.input_dtype))
         self.controller = nn.LSTMCell(features + spec.n_way + read_heads * memory_width,
                                       controller_size)
         self.key = nn.Linear(controller_size, read_heads * memory_width)
@@ -130,11 +129,11 @@ class MANN(EmbeddingLearner):
         usage = self.usage_decay * state.usage + read_weights.sum(1) + write_weights.sum(1)
         return MemoryState(hidden, cell, memory, read_weights, usage, reads)
 
-    def read_support(self, features: Tensor, labels: Tensor) -> MemoryState:
-        """Run the support steps of every task (``[T, S, D]`` features, ``[T, S]`` labels),
-        labels one step late, plus the step that delivers the last label."""
-        num_tasks, num_support = labels.shape
-        one_hot = F.one_hot(labels, self.n_way).to(features.dtype)
+    def read_support(self, support: Tensor) -> MemoryState:
+        """Run the support steps ``[T, S, D + n_way]`` (features, one-hot labels) of every
+        task, labels one step late, plus the step that delivers the last label."""
+        features, one_hot = support[..., :-self.n_way], support[..., -self.n_way:]
+        num_tasks, num_support = support.shape[:2]
         previous_labels = F.pad(one_hot, (0, 0, 1, 0))  # [T, S + 1, N]: zeros, y_0, ..., y_S-1
         images = F.pad(features, (0, 0, 0, 1))  # [T, S + 1, D]: the last step has no image
         inputs = torch.cat([images, previous_labels], -1)
@@ -143,41 +142,10 @@ class MANN(EmbeddingLearner):
             state = self.step(inputs[:, t], state)
         return state
 
-    def query_logits(self, features: Tensor, state: MemoryState) -> Tensor:
-        """Logits ``[T, Q, n_way]``: each query ``[T, Q, D]`` is one step after its task's
-        support ``state``, with a zero label, on its own copy of the state."""
-        num_tasks, num_queries = features.shape[:2]
-        inputs = with_labels(features, None, self.n_way).flatten(0, 1)
-        after = self.step(inputs, state.repeat(num_queries))
+    def query_logits(self, queries: Tensor, state: MemoryState) -> Tensor:
+        """Logits ``[T, Q, n_way]``: each query step ``[T, Q, D + n_way]`` (zero label) is
+        one step after its task's support ``state``, on its own copy of the state."""
+        num_tasks, num_queries = queries.shape[:2]
+        after = self.step(queries.flatten(0, 1), state.repeat(num_queries))
         logits = self.output(torch.cat([after.hidden, after.reads], -1))
         return logits.view(num_tasks, num_queries, -1)
-
-    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
-        check_n_way(batch.n_way, self.n_way, self.name)
-        num_support = batch.support_x.shape[1]
-        features, _ = self.embed(torch.cat([batch.support_x, batch.query_x], dim=1),
-                                 num_support)
-        state = self.read_support(features[:, :num_support], batch.support_y)
-        logits = self.query_logits(features[:, num_support:], state)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
-        accuracy = (logits.argmax(-1) == batch.query_y).float().mean()
-        return loss, {"accuracy": accuracy.item()}
-
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> MANNPredictor:
-        check_n_way(int(support_y.max()) + 1, self.n_way, self.name)
-        features, statistics = self.embed(support_x.unsqueeze(0))
-        return MANNPredictor(self, self.read_support(features, support_y.unsqueeze(0)),
-                             statistics)
-
-
-class MANNPredictor:
-    """Classifies queries from the controller state and memory after one task's support set
-    (and, with ``batch_norm="support"``, the support set's BatchNorm statistics)."""
-
-    def __init__(self, model: MANN, state: MemoryState,
-                 statistics: list[Statistics] | None = None) -> None:
-        self.model, self.state, self.statistics = model, state, statistics
-
-    def __call__(self, query_x: Tensor) -> Tensor:
-        features, _ = self.model.embed(query_x.unsqueeze(0), recorded=self.statistics)
-        return self.model.query_logits(features, self.state)[0]

@@ -84,7 +84,7 @@ class MatchingNet(MetaLearner):
         scale: float = 10.0,
         learn_scale: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(spec)
         if fce_steps < 1:
             raise ValueError(f"fce_steps must be >= 1, got {fce_steps}.")
         if scale <= 0:
@@ -97,7 +97,7 @@ class MatchingNet(MetaLearner):
         else:
             self.register_buffer("scale", initial)
         if fce:
-            dim = math.prod(feature_shape(backbone, spec.input_shape))
+            dim = math.prod(feature_shape(backbone, spec.input_shape, spec.input_dtype))
             self.support_lstm = nn.LSTM(dim, dim, batch_first=True, bidirectional=True)
             self.query_lstm = nn.LSTMCell(2 * dim, dim)
 
@@ -133,9 +133,9 @@ class MatchingNet(MetaLearner):
         support = self.encode_support(features[:, :num_support])
         queries = self.encode_queries(features[:, num_support:], support)
         log_probs = matching_log_probs(queries, support, batch.support_y, batch.n_way, self.scale)
+        # The paper's loss on the attention's log-probabilities; the score is the kind's.
         loss = F.nll_loss(log_probs.flatten(0, 1), batch.query_y.flatten())
-        accuracy = (log_probs.argmax(-1) == batch.query_y).float().mean()
-        return loss, {"accuracy": accuracy.item()}
+        return loss, self.kind.metrics(log_probs, batch.query_y)
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> MatchingPredictor:
         n_way = int(support_y.max()) + 1

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from metalab.algorithms.base import TaskSpec, register
-from metalab.algorithms.maml import MAML, task_loss
+from metalab.algorithms.maml import MAML
+from metalab.kinds import TaskKind
 
 
 @register
@@ -26,7 +27,11 @@ class Pretrained(MAML):
 
     name = "pretrained"
     family = "baseline"
-    kinds = ("regression",)
+
+    @classmethod
+    def supports(cls, kind: TaskKind) -> bool:
+        """Tasks whose targets are values: the pooled tasks need one shared output space."""
+        return not kind.classes
 
     def __init__(
         self, backbone: nn.Module, spec: TaskSpec, test_inner_steps: int = 10,
@@ -41,5 +46,5 @@ class Pretrained(MAML):
     ) -> tuple[Tensor, Tensor]:
         """The plain regression loss on all of the task's points (also its metric)."""
         x, y = torch.cat([support_x, query_x]), torch.cat([support_y, query_y])
-        loss = task_loss(self(x), y, self.kind)
+        loss = self.kind.loss(self(x), y)
         return loss, loss.detach()

@@ -43,7 +43,7 @@ class ProtoNet(MetaLearner):
     family = "metric"
 
     def __init__(self, backbone: nn.Module, spec: TaskSpec, metric: str = "euclidean") -> None:
-        super().__init__()
+        super().__init__(spec)
         if metric not in ("euclidean", "cosine"):
             raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}.")
         self.backbone = backbone
@@ -63,9 +63,7 @@ class ProtoNet(MetaLearner):
         prototypes = class_means(self.embed(batch.support_x), batch.support_y, batch.n_way)
         queries = self.embed(batch.query_x)
         logits = prototype_logits(queries, prototypes, self.metric, self.scale)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
-        accuracy = (logits.argmax(-1) == batch.query_y).float().mean()
-        return loss, {"accuracy": accuracy.item()}
+        return self.kind.objective(logits, batch.query_y)
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> PrototypePredictor:
         n_way = int(support_y.max()) + 1

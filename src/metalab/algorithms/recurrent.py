@@ -22,38 +22,16 @@ The output layer has ``n_way`` units: a trained model classifies tasks of that m
 from __future__ import annotations
 
 import math
-from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalab.algorithms.base import MetaLearner, TaskSpec, register
-from metalab.algorithms.pertask import Statistics, check_batch_norm, embed_tasks
+from metalab.algorithms.base import TaskSpec, register
+from metalab.algorithms.model_based import SequenceLearner
+from metalab.algorithms.pertask import check_batch_norm
 from metalab.models import feature_shape
-from metalab.tasks import TaskBatch
 
 State = Tensor | tuple[Tensor, Tensor]  # GRU: h; LSTM: (h, c); each [layers, batch, hidden]
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
-
-
-def check_n_way(n_way: int, trained_n_way: int, name: str) -> None:
-    """Model-based learners have one output (and label input) per class of their training
-    tasks: a task with another number of classes is an error that says so."""
-    if n_way != trained_n_way:
-        raise ValueError(f"this {name} model was trained for {trained_n_way}-way tasks and "
-                         f"cannot classify {n_way}-way tasks; evaluate it on "
-                         f"{trained_n_way}-way tasks or train one for {n_way}-way tasks.")
-
-
-def with_labels(features: Tensor, labels: Tensor | None, n_way: int) -> Tensor:
-    """Sequence inputs ``[T, B, D + n_way]``: features ``[T, B, D]`` and one-hot ``labels``
-    ``[T, B]``, or zeros (no label) when ``labels`` is None."""
-    if labels is None:
-        one_hot = features.new_zeros(*features.shape[:2], n_way)
-    else:
-        one_hot = F.one_hot(labels, n_way).to(features.dtype)
-    return torch.cat([features, one_hot], -1)
 
 
 def repeat_state(state: State, times: int) -> State:
@@ -61,72 +39,6 @@ def repeat_state(state: State, times: int) -> State:
     if isinstance(state, tuple):
         return tuple(s.repeat_interleave(times, dim=1) for s in state)
     return state.repeat_interleave(times, dim=1)
-
-
-class EmbeddingLearner(MetaLearner):
-    """A learner that embeds each task's examples with ``backbone``, each task on its own,
-    its BatchNorm on running statistics or on each task's support statistics
-    (``batch_norm``, see :func:`metalab.algorithms.pertask.embed_tasks`)."""
-
-    backbone: nn.Module
-    batch_norm: str = "running"
-
-    def embed(
-        self, x: Tensor, num_support: int | None = None,
-        recorded: list[Statistics] | None = None,
-    ) -> tuple[Tensor, list[Statistics] | None]:
-        """Embed ``[T, B, *shape]`` -> ``[T, B, D]``; with ``batch_norm="support"`` also the
-        support statistics used."""
-        return embed_tasks(self.backbone, x, self.batch_norm, num_support, recorded)
-
-
-class SequenceLearner(EmbeddingLearner):
-    """A model-based learner that reads a task as a sequence: the support steps
-    ``[f(x_i), onehot(y_i)]`` give a memory (``read_support``), and each query step
-    ``[f(x_q), 0]`` is classified from that memory on its own (``query_logits``).
-    ``meta_loss`` and ``adapt`` are the same for every such learner."""
-
-    n_way: int
-
-    def read_support(self, support: Tensor) -> Any:
-        """What the learner keeps of the support steps ``[T, S, C]`` of every task."""
-        raise NotImplementedError
-
-    def query_logits(self, queries: Tensor, memory: Any) -> Tensor:
-        """Logits ``[T, Q, n_way]`` of query steps ``[T, Q, C]``, each on its own."""
-        raise NotImplementedError
-
-    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
-        check_n_way(batch.n_way, self.n_way, self.name)
-        num_support = batch.support_x.shape[1]
-        features, _ = self.embed(torch.cat([batch.support_x, batch.query_x], dim=1),
-                                 num_support)
-        support = with_labels(features[:, :num_support], batch.support_y, self.n_way)
-        queries = with_labels(features[:, num_support:], None, self.n_way)
-        logits = self.query_logits(queries, self.read_support(support))
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
-        accuracy = (logits.argmax(-1) == batch.query_y).float().mean()
-        return loss, {"accuracy": accuracy.item()}
-
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> SequencePredictor:
-        check_n_way(int(support_y.max()) + 1, self.n_way, self.name)
-        features, statistics = self.embed(support_x.unsqueeze(0))
-        support = with_labels(features, support_y.unsqueeze(0), self.n_way)
-        return SequencePredictor(self, self.read_support(support), statistics)
-
-
-class SequencePredictor:
-    """Classifies queries from the memory a sequence learner kept of one task's support set
-    (and, with ``batch_norm="support"``, the support set's BatchNorm statistics)."""
-
-    def __init__(self, model: SequenceLearner, memory: Any,
-                 statistics: list[Statistics] | None = None) -> None:
-        self.model, self.memory, self.statistics = model, memory, statistics
-
-    def __call__(self, query_x: Tensor) -> Tensor:
-        features, _ = self.model.embed(query_x.unsqueeze(0), recorded=self.statistics)
-        queries = with_labels(features, None, self.model.n_way)
-        return self.model.query_logits(queries, self.memory)[0]
 
 
 @register
@@ -142,7 +54,7 @@ class Recurrent(SequenceLearner):
         self, backbone: nn.Module, spec: TaskSpec, cell: str = "lstm", hidden_size: int = 256,
         layers: int = 1, batch_norm: str = "running",
     ) -> None:
-        super().__init__()
+        super().__init__(spec)
         self.batch_norm = check_batch_norm(batch_norm)
         if cell not in CELLS:
             raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {cell!r}.")
@@ -151,7 +63,7 @@ class Recurrent(SequenceLearner):
                              f"{layers}.")
         self.backbone = backbone
         self.n_way = spec.n_way
-        inputs = math.prod(feature_shape(backbone, spec.input_shape)) + spec.n_way
+        inputs = math.prod(feature_shape(backbone, spec.input_shape, spec.input_dtype)) + spec.n_way
         self.rnn = CELLS[cell](inputs, hidden_size, num_layers=layers, batch_first=True)
         self.output = nn.Linear(hidden_size, spec.n_way)
 

@@ -84,14 +84,14 @@ class RelationNet(MetaLearner):
     def __init__(
         self, backbone: nn.Module, spec: TaskSpec, aggregate: str = "sum", loss: str = "mse"
     ) -> None:
-        super().__init__()
+        super().__init__(spec)
         if aggregate not in ("sum", "mean"):
             raise ValueError(f"aggregate must be 'sum' or 'mean', got {aggregate!r}.")
         if loss not in ("mse", "ce"):
             raise ValueError(f"loss must be 'mse' or 'ce', got {loss!r}.")
         self.backbone = backbone
         self.aggregate, self.loss = aggregate, loss
-        shape = feature_shape(backbone, spec.input_shape)
+        shape = feature_shape(backbone, spec.input_shape, spec.input_dtype)
         # Feature maps keep their [C, H, W] shape; anything else is treated as a flat vector.
         self.feature_shape = shape if len(shape) == 3 else (math.prod(shape),)
         self.relation = relation_module(self.feature_shape)
@@ -125,9 +125,8 @@ class RelationNet(MetaLearner):
             target = F.one_hot(batch.query_y, batch.n_way).to(relations.dtype)
             loss = F.mse_loss(relations.sigmoid(), target)
         else:
-            loss = F.cross_entropy(relations.flatten(0, 1), batch.query_y.flatten())
-        accuracy = (relations.argmax(-1) == batch.query_y).float().mean()
-        return loss, {"accuracy": accuracy.item()}
+            loss = self.kind.loss(relations, batch.query_y)
+        return loss, self.kind.metrics(relations, batch.query_y)
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> RelationPredictor:
         n_way = int(support_y.max()) + 1

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from metalab.algorithms.base import TaskSpec, register
-from metalab.algorithms.maml import MAML, task_loss
+from metalab.algorithms.maml import MAML
 
 
 @register
@@ -62,7 +62,7 @@ class Reptile(MAML):
             phi = self.inner_loop(phi, x[batch], y[batch], 1, create_graph=False)
         phi = {name: p.detach() for name, p in phi.items()}
         with torch.no_grad():
-            adapted_loss = task_loss(self.predict(phi, x), y, self.kind)
+            adapted_loss = self.kind.loss(self.predict(phi, x), y)
         distance = sum(0.5 * (theta[name] - phi[name]).pow(2).sum() for name in theta)
         return distance, adapted_loss
 

@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalab.algorithms.base import TaskSpec, register
+from metalab.algorithms.model_based import SequenceLearner
 from metalab.algorithms.pertask import check_batch_norm
-from metalab.algorithms.recurrent import SequenceLearner
 from metalab.models import feature_shape
 
 Cache = Any  # what a block keeps of the support sequence for the query steps
@@ -165,7 +165,7 @@ class SNAIL(SequenceLearner):
         k_shot: int = 1,
         batch_norm: str = "running",
     ) -> None:
-        super().__init__()
+        super().__init__(spec)
         self.batch_norm = check_batch_norm(batch_norm)
         if not attention or any(len(sizes) != 2 or min(sizes) < 1 for sizes in attention):
             raise ValueError(f"attention must be a non-empty list of (key_size, value_size) "
@@ -175,7 +175,8 @@ class SNAIL(SequenceLearner):
         self.backbone = backbone
         self.n_way = spec.n_way
         length = spec.n_way * k_shot + 1
-        channels = math.prod(feature_shape(backbone, spec.input_shape)) + spec.n_way
+        features = math.prod(feature_shape(backbone, spec.input_shape, spec.input_dtype))
+        channels = features + spec.n_way
         self.blocks = nn.ModuleList()
         for i, (key_size, value_size) in enumerate(attention):
             if i > 0:

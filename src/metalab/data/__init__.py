@@ -1,14 +1,21 @@
 """Data sets and task sources.
 
-Class data sets (Omniglot, the embedded glyphs, image folders) load as a
-:class:`~metalab.tasks.ClassDataset` per split; an :class:`~metalab.tasks.EpisodeSampler`
-turns one into N-way K-shot episodes. Regression families (sinusoid) are task sources
-themselves. :func:`task_source` builds either from a config's fields.
+Every data set is a module (or any object) in :data:`DATASETS` with ``status(data_dir=None)``
+(one line for ``metalab datasets``) and one of:
+
+* ``load(split, data_dir=None, **options) -> ClassDataset``: a class data set (Omniglot, the
+  embedded glyphs, image folders), turned into N-way K-shot episodes by an
+  :class:`~metalab.tasks.EpisodeSampler`;
+* ``tasks(split, n_way, k_shot, q_query, data_dir=None, **options) -> TaskSource``: a task
+  source of its own (sinusoid regression; users as tasks; environments).
+
+:func:`register_dataset` adds one; :func:`task_source` builds either from a config's fields.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -17,29 +24,45 @@ from metalab.data.paths import DataNotFoundError, data_dirs
 from metalab.tasks import ClassDataset, EpisodeSampler, TaskSource
 
 __all__ = [
-    "CLASS_DATASETS",
+    "DATASETS",
     "DataNotFoundError",
     "data_dirs",
     "image_format",
     "keep_alphabets",
     "load_dataset",
+    "register_dataset",
     "task_source",
 ]
 
-# name -> module with `load(split, data_dir=None, **options) -> ClassDataset`
-# and `status(data_dir=None) -> str` (one line for `metalab datasets`).
-CLASS_DATASETS = {"omniglot": omniglot, "glyphs": glyphs, "folder": folders}
-REGRESSION_SOURCES = {"sinusoid": sinusoid}
+# name -> module with `status(data_dir=None)` and `load(split, ...)` or `tasks(split, ...)`
+DATASETS: dict[str, Any] = {"omniglot": omniglot, "glyphs": glyphs, "folder": folders,
+                            "sinusoid": sinusoid}
+
+
+def register_dataset(name: str, module: Any) -> Any:
+    """Make ``module`` (see the module docstring) available to configs as ``dataset: name``."""
+    if not hasattr(module, "status") or not (hasattr(module, "load") or
+                                             hasattr(module, "tasks")):
+        raise TypeError(f"data set {name!r} needs status() and load() or tasks().")
+    DATASETS[name] = module
+    return module
+
+
+def _module(name: str) -> Any:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}.")
+    return DATASETS[name]
 
 
 def load_dataset(
     name: str, split: str, data_dir: str | os.PathLike | None = None, **options: object
 ) -> ClassDataset:
-    """Split ``split`` of the class data set ``name`` (see :data:`CLASS_DATASETS`)."""
-    if name not in CLASS_DATASETS:
-        valid = sorted([*CLASS_DATASETS, *REGRESSION_SOURCES])
-        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(valid)}.")
-    return CLASS_DATASETS[name].load(split, data_dir=data_dir, **options)
+    """Split ``split`` of the class data set ``name`` (see :data:`DATASETS`)."""
+    module = _module(name)
+    if not hasattr(module, "load"):
+        raise ValueError(f"{name} is a task source, not a data set of classes; use "
+                         f"task_source({name!r}, ...).")
+    return module.load(split, data_dir=data_dir, **options)
 
 
 def task_source(
@@ -47,15 +70,18 @@ def task_source(
     data_dir: str | os.PathLike | None = None, class_fraction: float = 1.0, seed: int = 0,
     **options: object,
 ) -> TaskSource:
-    """Episodes of ``name``/``split``: N-way K-shot Q-query, or K-shot regression tasks.
+    """Tasks of ``name``/``split``: N-way K-shot Q-query episodes of a class data set, or
+    the data set's own task source (e.g. K-shot sinusoid regression).
 
     ``class_fraction`` < 1 keeps that share of the split's alphabets (chosen by ``seed``).
     """
-    if name in REGRESSION_SOURCES:
+    module = _module(name)
+    if hasattr(module, "tasks"):
         if class_fraction < 1:
             raise ValueError(f"{name} tasks have no classes to keep a fraction of; "
                              "train_fraction applies to class data sets only.")
-        return REGRESSION_SOURCES[name].tasks(split, k_shot=k_shot, q_query=q_query, **options)
+        return module.tasks(split, n_way=n_way, k_shot=k_shot, q_query=q_query,
+                            data_dir=data_dir, **options)
     dataset = load_dataset(name, split, data_dir, **options)
     if class_fraction < 1:
         dataset = keep_alphabets(dataset, class_fraction, seed)
@@ -87,4 +113,4 @@ def image_format(name: str) -> dict[str, bool]:
 
     Omniglot's black strokes on white are inverted when loaded (module flag ``INVERTED``).
     """
-    return {"invert": bool(getattr(CLASS_DATASETS.get(name), "INVERTED", False))}
+    return {"invert": bool(getattr(DATASETS.get(name), "INVERTED", False))}

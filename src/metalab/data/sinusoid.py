@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from metalab.kinds import REGRESSION
 from metalab.tasks import TaskBatch
 
 __all__ = ["SPLITS", "SinusoidTasks", "sinusoid", "status", "tasks"]
@@ -38,7 +39,7 @@ class SinusoidTasks:
     no ``classes``. The ranges are ``(low, high)`` of the uniform distributions.
     """
 
-    kind = "regression"
+    kind = REGRESSION
 
     def __init__(
         self,
@@ -78,11 +79,15 @@ class SinusoidTasks:
                 f"amplitude={self.amplitude}, phase={self.phase}, x_range={self.x_range})")
 
 
-def tasks(split: str, k_shot: int, q_query: int, **options: object) -> SinusoidTasks:
+def tasks(
+    split: str, k_shot: int, q_query: int, n_way: int = 0,
+    data_dir: str | os.PathLike | None = None, **options: object,
+) -> SinusoidTasks:
     """The sinusoid task source for ``split`` (any of :data:`SPLITS`; all draw alike).
 
-    ``options`` are :class:`SinusoidTasks`'s ``amplitude``, ``phase`` and ``x_range``.
-    Training and evaluation see different tasks because they use different seeds.
+    ``options`` are :class:`SinusoidTasks`'s ``amplitude``, ``phase`` and ``x_range``
+    (``n_way`` and ``data_dir`` do not apply: tasks are generated). Training and evaluation
+    see different tasks because they use different seeds.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown sinusoid split {split!r}; choose one of {', '.join(SPLITS)}.")

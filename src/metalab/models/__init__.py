@@ -6,13 +6,16 @@ works with every algorithm; these are the standard ones, registered by name for 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from metalab.models.support_statistics import SupportStatistics
 
 __all__ = ["BACKBONES", "MLP", "Conv4", "SupportStatistics", "build_backbone", "feature_shape",
-           "use_batch_statistics"]
+           "register_backbone", "use_batch_statistics"]
 
 
 def conv_block(in_channels: int, out_channels: int, pool: bool, stride: int = 1) -> nn.Sequential:
@@ -95,25 +98,41 @@ class MLP(_Layers):
         super().__init__(*layers)
 
 
-BACKBONES = {"conv4": Conv4, "mlp": MLP}
+BackboneFactory = Callable[..., nn.Module]  # (input_shape, **options) -> backbone
+
+# name -> factory(input_shape, **options); register_backbone adds one.
+BACKBONES: dict[str, BackboneFactory] = {
+    "conv4": lambda input_shape, **options: Conv4(in_channels=input_shape[0], **options),
+    "mlp": lambda input_shape, **options: MLP(in_features=math.prod(input_shape), **options),
+}
+
+
+def register_backbone(name: str, factory: BackboneFactory) -> BackboneFactory:
+    """Make ``factory(input_shape, **options)`` available to configs as ``backbone: name``."""
+    if name in BACKBONES and BACKBONES[name] is not factory:
+        raise ValueError(f"a backbone named {name!r} is already registered.")
+    BACKBONES[name] = factory
+    return factory
 
 
 def build_backbone(name: str, input_shape: tuple[int, ...], **options: object) -> nn.Module:
     """The registered backbone ``name`` for examples of shape ``input_shape``."""
-    if name == "conv4":
-        return Conv4(in_channels=input_shape[0], **options)
-    if name == "mlp":
-        return MLP(in_features=int(torch.tensor(input_shape).prod()), **options)
-    raise ValueError(f"unknown backbone {name!r}; available: {', '.join(sorted(BACKBONES))}.")
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; available: "
+                         f"{', '.join(sorted(BACKBONES))} (register_backbone adds one).")
+    return BACKBONES[name](tuple(input_shape), **options)
 
 
 @torch.no_grad()
-def feature_shape(backbone: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of the features ``backbone`` gives for one example (found by a dry run)."""
+def feature_shape(
+    backbone: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+) -> tuple[int, ...]:
+    """Shape of the features ``backbone`` gives for one example of ``input_shape`` and
+    ``dtype`` (integer ids for an embedding layer), found by a dry run on zeros."""
     was_training = backbone.training
     backbone.eval()
     try:
-        out = backbone(torch.zeros(2, *input_shape))
+        out = backbone(torch.zeros(2, *input_shape, dtype=dtype))
     finally:
         backbone.train(was_training)
     return tuple(out.shape[1:])

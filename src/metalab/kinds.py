@@ -1,0 +1,155 @@
+"""Task kinds: what a task asks of a learner, and how a learner is scored on it.
+
+A :class:`TaskKind` is the one place that knows what a task's targets are, which loss trains
+on them, which score judges a prediction and in which direction, and how a score is written.
+Algorithms, the trainer, the evaluator and ``metalab compare`` ask the kind; none of them
+compares kind names. A new kind (ordinal or multi-label classification, rating prediction,
+reinforcement learning) is one subclass and :func:`register_kind`; nothing else changes.
+
+    kind = task_source.kind
+    loss = kind.loss(output, target)          # differentiable, what meta-training minimises
+    score = kind.score(output, target)        # 0-d tensor in the units training logs
+    kind.report_scale * score                 # the units evaluation reports (accuracy in %)
+    kind.better(a, b)                         # is score a better than score b?
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "CLASSIFICATION",
+    "KINDS",
+    "REGRESSION",
+    "Classification",
+    "Regression",
+    "TaskKind",
+    "get_kind",
+    "register_kind",
+]
+
+
+class TaskKind:
+    """Base of every task kind. Subclasses set the attributes and implement ``loss`` and
+    ``score``; the rest follows from them.
+
+    ``classes``: a task's targets are class indices ``0..N-1`` (labels re-indexed per task)
+    and a predictor returns one score per class, ``[Q, N]``; otherwise targets are values
+    ``[Q, D]`` and a predictor returns ``[Q, D]``. ``metric`` names the score,
+    ``higher_is_better`` its direction, ``report_scale`` and ``unit`` how evaluation reports
+    it (accuracy: fraction x 100, in %).
+    """
+
+    name: str = ""
+    classes: bool = False
+    metric: str = ""
+    higher_is_better: bool = True
+    report_scale: float = 1.0
+    unit: str = ""
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """The differentiable training loss of predictions ``output`` against ``target``
+        (any leading dimensions: one task ``[Q, ...]`` or a batch ``[T, Q, ...]``)."""
+        raise NotImplementedError
+
+    def score(self, output: Tensor, target: Tensor) -> Tensor:
+        """The score of ``output`` against ``target``, a 0-d tensor (mean over queries)."""
+        raise NotImplementedError
+
+    def metrics(self, output: Tensor, target: Tensor) -> dict[str, float]:
+        """``{metric: score}`` for the training log."""
+        return {self.metric: self.score(output.detach(), target).item()}
+
+    def objective(self, output: Tensor, target: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """``(loss, {metric: score})`` of a batch of tasks' predictions: what most
+        ``meta_loss`` implementations return."""
+        return self.loss(output, target), self.metrics(output, target)
+
+    def output_size(self, n_way: int, output_dim: int) -> int:
+        """Outputs per query a predictor needs: one per class, or the target size."""
+        return n_way if self.classes else output_dim
+
+    def better(self, score: float, than: float | None) -> bool:
+        """True if ``score`` is better than ``than`` (anything beats None; NaN beats nothing)."""
+        if score != score:  # NaN
+            return False
+        if than is None or than != than:
+            return True
+        return score > than if self.higher_is_better else score < than
+
+    def format(self, mean: float, ci95: float) -> str:
+        """A score and its 95% CI as tables print it."""
+        return f"{mean:.2f}{self.unit} ± {ci95:.2f}" if self.unit else (
+            f"{mean:.3f} ± {ci95:.3f} {self.metric.upper()}")
+
+    def label(self) -> str:
+        """The score's axis label in plots."""
+        arrow = "" if self.higher_is_better else " (lower is better)"
+        unit = f" ({self.unit})" if self.unit else ""
+        return f"{self.metric}{unit}{arrow}"
+
+    def describe(self, n_way: int, k_shot: int) -> str:
+        """How a task is named in tables and messages, e.g. ``5-way 1-shot``."""
+        return f"{n_way}-way {k_shot}-shot" if self.classes else f"{k_shot}-shot {self.name}"
+
+    def __repr__(self) -> str:
+        return f"<task kind {self.name}>"
+
+
+class Classification(TaskKind):
+    """N-way classification: cross-entropy on logits, scored by accuracy (reported in %)."""
+
+    name = "classification"
+    classes = True
+    metric = "accuracy"
+    report_scale = 100.0
+    unit = "%"
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(output.flatten(0, -2), target.flatten())
+
+    def score(self, output: Tensor, target: Tensor) -> Tensor:
+        return (output.argmax(-1) == target).float().mean()
+
+
+class Regression(TaskKind):
+    """Regression of real-valued targets: mean squared error for both loss and score."""
+
+    name = "regression"
+    metric = "mse"
+    higher_is_better = False
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        return F.mse_loss(output, target)
+
+    def score(self, output: Tensor, target: Tensor) -> Tensor:
+        return (output - target).pow(2).mean()
+
+
+KINDS: dict[str, TaskKind] = {}
+
+
+def register_kind(kind: TaskKind) -> TaskKind:
+    """Add ``kind`` to :data:`KINDS`, so that checkpoints and tables can name it."""
+    if not kind.name or not kind.metric:
+        raise TypeError(f"{type(kind).__name__} needs a name and a metric to be registered.")
+    if kind.name in KINDS and type(KINDS[kind.name]) is not type(kind):
+        raise ValueError(f"a task kind named {kind.name!r} is already registered.")
+    KINDS[kind.name] = kind
+    return kind
+
+
+def get_kind(kind: str | TaskKind) -> TaskKind:
+    """The registered kind named ``kind`` (a kind object is returned as it is)."""
+    if isinstance(kind, TaskKind):
+        return kind
+    if kind not in KINDS:
+        raise ValueError(f"unknown task kind {kind!r}; registered kinds: "
+                         f"{', '.join(sorted(KINDS))}. A kind defined in your code must be "
+                         f"registered (metalab.kinds.register_kind) before its checkpoints load.")
+    return KINDS[kind]
+
+
+CLASSIFICATION = register_kind(Classification())
+REGRESSION = register_kind(Regression())
