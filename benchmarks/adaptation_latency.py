@@ -62,8 +62,8 @@ import torch
 from metalab import data
 from metalab.algorithms import ALGORITHMS, MetaLearner, TaskSpec
 from metalab.config import load_config
+from metalab.runs import build, load_checkpoint
 from metalab.tasks import Task, TaskSource, fixed_episodes
-from metalab.train import build, load_checkpoint
 from protonet_throughput import machine_info  # the sibling script (benchmarks/ is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]

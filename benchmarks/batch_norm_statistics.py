@@ -24,8 +24,9 @@ from torch import nn
 
 from metalab.evaluate import evaluate, mean_ci95, task_score
 from metalab.models import SupportStatistics, use_batch_statistics
+from metalab.runs import load_checkpoint, task_sources
 from metalab.tasks import fixed_episodes, sample_tasks
-from metalab.train import VAL_SEED, load_checkpoint, task_sources
+from metalab.train import VAL_SEED
 
 
 def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

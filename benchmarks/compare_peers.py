@@ -493,7 +493,7 @@ class Side:
 
 class MetalabSide(Side):
     def __init__(self, config: Config) -> None:
-        self.trainer = Trainer(config, progress=False)
+        self.trainer = Trainer.from_config(config, progress=False)
         self.raw_tasks = self.trainer.train_tasks
         self.tasks = self.trainer.train_tasks = RecordingSource(self.raw_tasks)
         super().__init__("metalab", config.algorithm, type(self.trainer.algo).family)

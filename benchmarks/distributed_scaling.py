@@ -101,7 +101,7 @@ def worker(args: argparse.Namespace) -> None:
                         k_shot=1, q_query=15, tasks_per_batch=args.meta_batch,
                         steps=args.warmup + args.steps, val_every=10**9, val_episodes=2,
                         log_every=1, device="cpu", out=out)
-        trainer = Trainer(config, progress=False)
+        trainer = Trainer.from_config(config, progress=False)
         trainer.fit()
         comm = distributed.gather_objects(inside[args.warmup:args.warmup + args.steps])
         alone = transfer_time(trainer) if distributed.world_size() > 1 else None

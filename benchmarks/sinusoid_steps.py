@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from metalab.algorithms import ALGORITHMS
-from metalab.train import score_checkpoint
+from metalab.runs import score_checkpoint
 
 ALGORITHM_ORDER = ["maml", "fomaml", "anil", "metasgd", "reptile", "pretrained", "cnp"]
 

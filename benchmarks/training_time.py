@@ -30,7 +30,7 @@ def step_times(name: str, steps: int, warmup: int) -> list[float]:
     with tempfile.TemporaryDirectory() as out:
         config = load_config(name, [f"steps={warmup + steps}", f"val_every={10**9}",
                                     "log_every=1", f"out={out}"])
-        trainer = Trainer(config, progress=False)
+        trainer = Trainer.from_config(config, progress=False)
         trainer._validate_and_save = lambda: None  # type: ignore[method-assign]
         trainer.fit()
         seconds = [json.loads(line)["train_seconds"] for line in open(Path(out) / "log.jsonl")]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from metalab.tasks import ClassDataset
+from metalab.testing import easy_dataset
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -36,16 +37,6 @@ def real_data_dir(name: str) -> Path:
     pytest.skip(reason)
 
 
-def easy_dataset(num_classes: int = 30, per_class: int = 20, size: int = 16,
-                 seed: int = 0) -> ClassDataset:
-    """Classes that are fixed random binary patterns plus light noise: easy to tell apart."""
-    gen = torch.Generator().manual_seed(seed)
-    templates = (torch.rand(num_classes, 1, 1, size, size, generator=gen) > 0.5).float()
-    noise = 0.15 * torch.randn(num_classes, per_class, 1, size, size, generator=gen)
-    data = ((templates + noise).clamp(0, 1) * 255).round().to(torch.uint8)
-    return ClassDataset(data, [f"pattern{i}" for i in range(num_classes)])
-
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny test tensors run several times faster on one thread on a shared 2-core machine."""
@@ -69,7 +60,7 @@ def easy_data(monkeypatch: pytest.MonkeyPatch) -> str:
         return ClassDataset(full.data[part], full.names[part])
 
     module = types.SimpleNamespace(load=load, status=lambda data_dir=None: "synthetic (tests)")
-    monkeypatch.setitem(data.CLASS_DATASETS, "easy", module)
+    monkeypatch.setitem(data.DATASETS, "easy", module)
     return "easy"
 
 

@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from metalab.cli import main
-from metalab.data import CLASS_DATASETS
+from metalab.data import DATASETS
 
 from .conftest import easy_config
 
@@ -51,8 +51,8 @@ def test_evaluate_is_fixed_and_overridable(trained, tmp_path, capsys) -> None:
 
 def test_transductive_batch_norm_normalises_the_queries_together(trained, tmp_path) -> None:
     from metalab.models import use_batch_statistics
+    from metalab.runs import load_checkpoint, task_sources
     from metalab.tasks import fixed_episodes
-    from metalab.train import load_checkpoint, task_sources
 
     out, _ = trained
     algo, config = load_checkpoint(out / "best.pt")
@@ -105,7 +105,7 @@ def _write_images(folder, images) -> list:
 
 def test_adapt_labels_query_images_from_class_folders(trained, tmp_path, capsys) -> None:
     out, _ = trained
-    test = CLASS_DATASETS["easy"].load("test")
+    test = DATASETS["easy"].load("test")
     names = ["alpha", "beta", "gamma"]
     truth = {}
     for c, name in enumerate(names):

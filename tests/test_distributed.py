@@ -30,11 +30,12 @@ import yaml
 
 from metalab import distributed
 from metalab.algorithms import ALGORITHMS
+from metalab.checkpoint import read_checkpoint
 from metalab.config import Config
 from metalab.data import task_source
 from metalab.evaluate import evaluate
 from metalab.tasks import sample_tasks
-from metalab.train import Trainer, meta_backward, read_checkpoint
+from metalab.train import Trainer, meta_backward
 
 from .conftest import easy_dataset
 
@@ -81,7 +82,7 @@ def register_easy() -> None:
         part = slice(0, 20) if split == "train" else slice(20, 30)
         return ClassDataset(full.data[part], full.names[part])
 
-    data.CLASS_DATASETS["easy"] = types.SimpleNamespace(load=load, status=lambda d=None: "")
+    data.DATASETS["easy"] = types.SimpleNamespace(load=load, status=lambda d=None: "")
 
 
 def floats(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -115,7 +116,7 @@ def test_no_algorithm_couples_the_tasks_of_a_step(name: str, easy_data, tmp_path
     statistics) of the tasks taken one at a time: so any split of a step is exact."""
     results = []
     for chunk in (0, 1):
-        trainer = Trainer(tiny_config(name, tmp_path), progress=False)
+        trainer = Trainer.from_config(tiny_config(name, tmp_path), progress=False)
         algo = trainer.algo.double().train()
         batch = sample_tasks(trainer.train_tasks, 0, 0, range(5)).to("cpu", torch.float64)
         loss, _ = meta_backward(algo, batch, task_chunk=chunk)
@@ -161,7 +162,7 @@ def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_two_processes_train_like_one(name: str, two_processes: Path, easy_data,
                                       tmp_path) -> None:
-    one = Trainer(tiny_config(name, tmp_path), progress=False)
+    one = Trainer.from_config(tiny_config(name, tmp_path), progress=False)
     one.fit()
     two = read_checkpoint(two_processes / name / "last.pt")
     assert two["step"] == 3
@@ -187,7 +188,7 @@ def worker(out: Path) -> None:
     with distributed.process_group(torch.device("cpu")):
         identical, validation = [], None
         for name in sorted(ALGORITHMS):
-            trainer = Trainer(tiny_config(name, out / name), progress=False)
+            trainer = Trainer.from_config(tiny_config(name, out / name), progress=False)
             trainer.fit()
             flat = torch.cat([v.flatten().double() for v in trainer.algo.state_dict().values()])
             if all(torch.equal(flat, other) for other in distributed.gather_objects(flat)):
@@ -199,7 +200,7 @@ def worker(out: Path) -> None:
         # A time budget: rank 0's clock decides for both, so they stop at the same step.
         config = dataclasses.replace(tiny_config("protonet", out / "budget"), steps=10**6,
                                      time_budget=0.3)
-        stopped = distributed.gather_objects(Trainer(config, progress=False).fit().step)
+        stopped = distributed.gather_objects(Trainer.from_config(config, progress=False).fit().step)
         if distributed.rank() == 0:
             report = {"identical_ranks": identical, "validation": validation,
                       "budget_steps": stopped}

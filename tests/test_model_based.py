@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from metalab import data
 from metalab.algorithms import MetaLearner, TaskSpec, build_algorithm
 from metalab.algorithms.mann import MANN
-from metalab.algorithms.recurrent import with_labels
+from metalab.algorithms.model_based import with_labels
 from metalab.algorithms.snail import SNAIL
 from metalab.evaluate import evaluate
 from metalab.models import MLP

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from metalab.data import sinusoid, task_source
+from metalab.kinds import REGRESSION
 from metalab.tasks import fixed_episodes
 
 
@@ -18,7 +19,7 @@ def gen(seed: int = 0) -> torch.Generator:
 def test_shapes_and_types():
     source = sinusoid.SinusoidTasks(k_shot=5, q_query=10)
     batch = source.sample(7, gen())
-    assert source.kind == "regression"
+    assert source.kind is REGRESSION
     assert batch.support_x.shape == batch.support_y.shape == (7, 5, 1)
     assert batch.query_x.shape == batch.query_y.shape == (7, 10, 1)
     assert batch.support_x.dtype == batch.support_y.dtype == torch.float32

@@ -7,8 +7,10 @@ import json
 import pytest
 import torch
 
+from metalab.checkpoint import read_checkpoint
 from metalab.config import Config, load_config
-from metalab.train import Trainer, TrainingDiverged, load_checkpoint, read_checkpoint
+from metalab.runs import load_checkpoint
+from metalab.train import Trainer, TrainingDiverged
 
 from .conftest import easy_config
 
@@ -18,11 +20,11 @@ def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def test_resume_continues_the_same_trajectory(easy_data, tmp_path) -> None:
-    straight = Trainer(easy_config(tmp_path / "a", steps=20), progress=False)
+    straight = Trainer.from_config(easy_config(tmp_path / "a", steps=20), progress=False)
     straight.fit()
-    first = Trainer(easy_config(tmp_path / "b", steps=10), progress=False)
+    first = Trainer.from_config(easy_config(tmp_path / "b", steps=10), progress=False)
     first.fit()  # stops at step 10 with last.pt written
-    resumed = Trainer(easy_config(tmp_path / "b", steps=20), progress=False)
+    resumed = Trainer.from_config(easy_config(tmp_path / "b", steps=20), progress=False)
     resumed.resume()
     assert resumed.state.step == 10
     resumed.fit()
@@ -33,16 +35,16 @@ def test_resume_continues_the_same_trajectory(easy_data, tmp_path) -> None:
 
 
 def test_resume_drops_log_lines_after_the_checkpoint(easy_data, tmp_path) -> None:
-    Trainer(easy_config(tmp_path, steps=10), progress=False).fit()
+    Trainer.from_config(easy_config(tmp_path, steps=10), progress=False).fit()
     with open(tmp_path / "log.jsonl", "a") as f:  # a crash after step 10 left later lines
         f.write(json.dumps({"step": 15, "loss": 0.0}) + "\n")
-    trainer = Trainer(easy_config(tmp_path, steps=20), progress=False)
+    trainer = Trainer.from_config(easy_config(tmp_path, steps=20), progress=False)
     trainer.resume()
     assert max(json.loads(line)["step"] for line in (tmp_path / "log.jsonl").open()) == 10
 
 
 def test_checkpoints_load_safely_and_reproduce_the_model(easy_data, tmp_path) -> None:
-    trainer = Trainer(easy_config(tmp_path), progress=False)
+    trainer = Trainer.from_config(easy_config(tmp_path), progress=False)
     trainer.fit()
     assert {"last.pt", "best.pt", "log.jsonl", "config.json"} <= {
         p.name for p in tmp_path.iterdir()}
@@ -55,14 +57,14 @@ def test_checkpoints_load_safely_and_reproduce_the_model(easy_data, tmp_path) ->
 
 
 def test_learns_the_easy_task(easy_data, tmp_path) -> None:
-    trainer = Trainer(easy_config(tmp_path, steps=40), progress=False)
+    trainer = Trainer.from_config(easy_config(tmp_path, steps=40), progress=False)
     trainer.fit()
     assert trainer.state.best > 70.0  # 5-way: chance is 20%
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(easy_data, tmp_path,
                                                            monkeypatch) -> None:
-    trainer = Trainer(easy_config(tmp_path, steps=30), progress=False)
+    trainer = Trainer.from_config(easy_config(tmp_path, steps=30), progress=False)
     original = trainer.algo.meta_loss
     calls = {"n": 0}
 
@@ -80,11 +82,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(easy_data, tmp_path,
 
 
 def test_checkpoint_of_another_algorithm_is_refused(easy_data, tmp_path) -> None:
-    Trainer(easy_config(tmp_path, steps=10), progress=False).fit()
-    other = Trainer(easy_config(tmp_path, algorithm="matchingnet"), progress=False)
+    Trainer.from_config(easy_config(tmp_path, steps=10), progress=False).fit()
+    other = Trainer.from_config(easy_config(tmp_path, algorithm="matchingnet"), progress=False)
     with pytest.raises(ValueError, match="holds a protonet algorithm.*asks for matchingnet"):
         other.resume()
-    wider = Trainer(easy_config(tmp_path, backbone_options={"hidden": 32}), progress=False)
+    wider = Trainer.from_config(easy_config(tmp_path, backbone_options={"hidden": 32}),
+                                progress=False)
     with pytest.raises(ValueError, match="backbone_options"):
         wider.resume()
 
@@ -97,7 +100,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path) -> None:
 
 
 def test_resume_without_checkpoint_says_what_to_do(easy_data, tmp_path) -> None:
-    trainer = Trainer(easy_config(tmp_path), progress=False)
+    trainer = Trainer.from_config(easy_config(tmp_path), progress=False)
     with pytest.raises(FileNotFoundError, match="train without --resume"):
         trainer.resume()
 
@@ -111,9 +114,10 @@ def test_unknown_config_key_lists_valid_keys(tmp_path) -> None:
 
 def test_unknown_algorithm_and_option_are_clear_errors(easy_data, tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown algorithm 'mamll'.*registered algorithms:"):
-        Trainer(easy_config(tmp_path, algorithm="mamll"), progress=False)
+        Trainer.from_config(easy_config(tmp_path, algorithm="mamll"), progress=False)
     with pytest.raises(ValueError, match="unknown option.*metrc.*valid options: metric"):
-        Trainer(easy_config(tmp_path, algorithm_options={"metrc": "cosine"}), progress=False)
+        Trainer.from_config(easy_config(tmp_path, algorithm_options={"metrc": "cosine"}),
+                            progress=False)
 
 
 def test_overrides_and_builtin_configs() -> None:
@@ -130,8 +134,8 @@ def test_overrides_and_builtin_configs() -> None:
 def test_without_a_validation_split_the_final_weights_are_scored(easy_data, tmp_path) -> None:
     # The train+val protocol: no split is held out, so nothing is validated and best.pt is
     # the last step's weights, whatever validation would have preferred.
-    trainer = Trainer(easy_config(tmp_path, steps=20, val_every=5, val_split=None),
-                      progress=False)
+    trainer = Trainer.from_config(easy_config(tmp_path, steps=20, val_every=5, val_split=None),
+                                  progress=False)
     state = trainer.fit()
     assert state.best is None
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").open()]
@@ -142,7 +146,8 @@ def test_without_a_validation_split_the_final_weights_are_scored(easy_data, tmp_
 
 
 def test_time_budget_stops_training_and_keeps_a_validated_checkpoint(easy_data, tmp_path) -> None:
-    trainer = Trainer(easy_config(tmp_path, steps=10_000, time_budget=1e-9), progress=False)
+    trainer = Trainer.from_config(easy_config(tmp_path, steps=10_000, time_budget=1e-9),
+                                  progress=False)
     state = trainer.fit()
     assert state.step == 1  # the first step already spends the budget
     assert read_checkpoint(tmp_path / "best.pt")["step"] == 1
@@ -155,7 +160,7 @@ def test_a_budgeted_run_validates_at_each_fifth_of_its_budget(easy_data, tmp_pat
     clock = iter(range(10**6))  # every reading one second later: each step takes 1 s
     monkeypatch.setattr("metalab.train.time.perf_counter", lambda: float(next(clock)))
     config = easy_config(tmp_path, steps=10_000, val_every=10_000, time_budget=10)
-    state = Trainer(config, progress=False).fit()
+    state = Trainer.from_config(config, progress=False).fit()
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").open()]
     assert state.step == 10
     assert [r["step"] for r in records if "val_accuracy" in r] == [2, 4, 6, 8, 10]

@@ -108,10 +108,12 @@ def part_config(pattern: str, algorithm: str) -> Config:
 
 
 def task_kind(config: Config) -> TaskKind:
-    """The kind of the tasks ``config`` draws (read from its test task source)."""
+    """The kind of the tasks ``config`` draws: the data set's, or its test task source's."""
+    from metalab.data import dataset_kind
     from metalab.runs import task_sources
 
-    return task_sources(config, config.test_split, train=False).kind
+    return (dataset_kind(config.dataset) or
+            task_sources(config, config.test_split, train=False).kind)
 
 
 def _has_class_groups(config: Config) -> bool:

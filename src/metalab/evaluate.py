@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from metalab.kinds import TaskKind
+from metalab.kinds import TaskKind, get_kind
 from metalab.tasks import RaggedTaskBatch, TaskBatch
 
 if TYPE_CHECKING:
@@ -67,14 +67,16 @@ def _now(device: torch.device) -> float:
 
 def evaluate(
     algo: MetaLearner, episodes: list[TaskBatch | RaggedTaskBatch],
-    kind: TaskKind | None = None, device: torch.device | str = "cpu", progress: bool = False,
+    kind: TaskKind | str | None = None, device: torch.device | str = "cpu",
+    progress: bool = False,
 ) -> EvalResult:
     """Adapt to and score every task of ``episodes`` (see :func:`metalab.tasks.fixed_episodes`)
-    with ``kind``'s score (default: the kind the algorithm was built for).
+    with ``kind``'s score (a kind or a registered kind's name; default: the kind the
+    algorithm was built for).
 
     The algorithm is put in eval mode for the duration and restored afterwards.
     """
-    kind = kind or algo.kind
+    kind = get_kind(kind) if kind is not None else algo.kind
     device = torch.device(device)
     was_training = algo.training
     algo.eval()

@@ -18,7 +18,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -106,6 +106,12 @@ class MetaLearner(nn.Module, ABC):
     # Options that do not change the weights (e.g. test-time steps): a checkpoint may be
     # evaluated with other values than it was trained with.
     runtime_options: tuple[str, ...] = ()
+    # The common checks (metalab.testing): options of a small, quick instance per task kind
+    # ("*": every kind), backbone options it needs, and {check (or "check:kind"): reason}
+    # for checks that do not apply.
+    check_options: ClassVar[dict[str, dict[str, Any]]] = {}
+    check_backbone_options: ClassVar[dict[str, Any]] = {}
+    check_exemptions: ClassVar[dict[str, str]] = {}
 
     def __init__(self, spec: TaskSpec) -> None:
         super().__init__()

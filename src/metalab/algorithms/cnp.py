@@ -34,6 +34,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,7 @@ from torch import Tensor, nn
 from torch.distributions import Categorical, Distribution, Normal
 
 from metalab.algorithms.base import MetaLearner, TaskSpec, register
-from metalab.algorithms.model_based import check_n_way
+from metalab.algorithms.model_based import SLOW_TO_LEARN, check_n_way
 from metalab.algorithms.pertask import map_tasks
 from metalab.kinds import TaskKind
 from metalab.models import feature_shape
@@ -63,6 +64,9 @@ class CNP(MetaLearner):
 
     name = "cnp"
     family = "model"
+    check_options: ClassVar[dict[str, dict[str, Any]]] = {
+        "*": {"encoder_sizes": (32, 32), "decoder_sizes": (32,)}}
+    check_exemptions: ClassVar[dict[str, str]] = {"check_learns:classification": SLOW_TO_LEARN}
 
     @classmethod
     def supports(cls, kind: TaskKind) -> bool:

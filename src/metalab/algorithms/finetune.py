@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +67,7 @@ class FineTune(MetaLearner):
 
     name = "finetune"
     family = "baseline"
+    check_options: ClassVar[dict[str, dict[str, Any]]] = {"*": {"finetune_steps": 30}}
 
     def __init__(
         self,

@@ -31,6 +31,7 @@ affect each other and a meta-batch may be split over processes.
 from __future__ import annotations
 
 import math
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +67,9 @@ class MAML(MetaLearner):
     name = "maml"
     family = "optimization"
     runtime_options = ("test_inner_steps", "task_workers", "vectorize")  # free after training
+    check_options: ClassVar[dict[str, dict[str, Any]]] = {
+        "classification": {"test_inner_steps": 3},
+        "regression": {"inner_lr": 0.01, "test_inner_steps": 10}}
 
     def __init__(
         self, backbone: nn.Module, spec: TaskSpec, inner_steps: int = 1,

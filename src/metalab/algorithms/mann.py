@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +73,8 @@ class MANN(SequenceLearner):
 
     name = "mann"
     family = "model"
+    check_options: ClassVar[dict[str, dict[str, Any]]] = {"*": {
+        "controller_size": 32, "memory_slots": 8, "memory_width": 8, "read_heads": 2}}
 
     def __init__(
         self, backbone: nn.Module, spec: TaskSpec, controller_size: int = 200,

@@ -12,6 +12,8 @@ with ``learn_inner_lr="element"``.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from torch import nn
 
 from metalab.algorithms.base import TaskSpec, register
@@ -23,6 +25,9 @@ class MetaSGD(MAML):
     """MAML with a learned step size per weight."""
 
     name = "metasgd"
+    # Its learned step sizes are fitted to the training steps: more steps at test diverge.
+    check_options: ClassVar[dict[str, dict[str, Any]]] = {
+        "classification": {"test_inner_steps": 3}, "regression": {"inner_lr": 0.01}}
 
     def __init__(
         self, backbone: nn.Module, spec: TaskSpec, inner_steps: int = 1,

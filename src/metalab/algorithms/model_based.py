@@ -11,7 +11,7 @@ sequence learner implements those two methods.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -44,10 +44,17 @@ def with_labels(features: Tensor, labels: Tensor | None, n_way: int) -> Tensor:
     return torch.cat([features, one_hot], -1)
 
 
+SLOW_TO_LEARN = ("black-box learners need far more, and more diverse, tasks than the check's "
+                 "40 steps on 20 classes to learn to compare rather than memorise classes; "
+                 "tests/test_model_based.py::test_learns_diverse_few_shot_tasks checks them")
+
+
 class EmbeddingLearner(MetaLearner):
     """A learner that embeds each task's examples with ``backbone``, each task on its own,
     its BatchNorm on running statistics or on each task's support statistics
     (``batch_norm``, see :func:`metalab.algorithms.pertask.embed_tasks`)."""
+
+    check_exemptions: ClassVar[dict[str, str]] = {"check_learns": SLOW_TO_LEARN}
 
     backbone: nn.Module
     batch_norm: str = "running"

@@ -22,6 +22,7 @@ The output layer has ``n_way`` units: a trained model classifies tasks of that m
 from __future__ import annotations
 
 import math
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -49,6 +50,7 @@ class Recurrent(SequenceLearner):
 
     name = "recurrent"
     family = "model"
+    check_options: ClassVar[dict[str, dict[str, Any]]] = {"*": {"hidden_size": 32}}
 
     def __init__(
         self, backbone: nn.Module, spec: TaskSpec, cell: str = "lstm", hidden_size: int = 256,

@@ -28,6 +28,7 @@ ReLU, then FC 8, ReLU, FC 1 and the sigmoid. That is not in the paper.
 from __future__ import annotations
 
 import math
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,7 @@ class RelationNet(MetaLearner):
 
     name = "relationnet"
     family = "metric"
+    check_backbone_options: ClassVar[dict[str, Any]] = {"pool_blocks": 2, "flatten": False}
 
     def __init__(
         self, backbone: nn.Module, spec: TaskSpec, aggregate: str = "sum", loss: str = "mse"

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -155,6 +155,8 @@ class SNAIL(SequenceLearner):
 
     name = "snail"
     family = "model"
+    check_options: ClassVar[dict[str, dict[str, Any]]] = {
+        "*": {"attention": ((8, 8), (16, 8)), "filters": 8}}
 
     def __init__(
         self,

@@ -7,7 +7,8 @@ Every data set is a module (or any object) in :data:`DATASETS` with ``status(dat
   embedded glyphs, image folders), turned into N-way K-shot episodes by an
   :class:`~metalab.tasks.EpisodeSampler`;
 * ``tasks(split, n_way, k_shot, q_query, data_dir=None, **options) -> TaskSource``: a task
-  source of its own (sinusoid regression; users as tasks; environments).
+  source of its own (sinusoid regression; users as tasks; environments), optionally with
+  ``KIND``, the :class:`~metalab.kinds.TaskKind` of its tasks (known without loading data).
 
 :func:`register_dataset` adds one; :func:`task_source` builds either from a config's fields.
 """
@@ -21,12 +22,14 @@ import torch
 
 from metalab.data import folders, glyphs, omniglot, sinusoid
 from metalab.data.paths import DataNotFoundError, data_dirs
+from metalab.kinds import CLASSIFICATION, TaskKind
 from metalab.tasks import ClassDataset, EpisodeSampler, TaskSource
 
 __all__ = [
     "DATASETS",
     "DataNotFoundError",
     "data_dirs",
+    "dataset_kind",
     "image_format",
     "keep_alphabets",
     "load_dataset",
@@ -46,6 +49,13 @@ def register_dataset(name: str, module: Any) -> Any:
         raise TypeError(f"data set {name!r} needs status() and load() or tasks().")
     DATASETS[name] = module
     return module
+
+
+def dataset_kind(name: str) -> TaskKind | None:
+    """The kind of data set ``name``'s tasks if known without loading it: classification
+    for a data set of classes, else the module's ``KIND`` (None if it declares none)."""
+    module = _module(name)
+    return CLASSIFICATION if hasattr(module, "load") else getattr(module, "KIND", None)
 
 
 def _module(name: str) -> Any:

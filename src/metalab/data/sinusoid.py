@@ -21,9 +21,10 @@ from torch import Tensor
 from metalab.kinds import REGRESSION
 from metalab.tasks import TaskBatch
 
-__all__ = ["SPLITS", "SinusoidTasks", "sinusoid", "status", "tasks"]
+__all__ = ["KIND", "SPLITS", "SinusoidTasks", "sinusoid", "status", "tasks"]
 
 SPLITS = ("train", "val", "test", "trainval", "all")
+KIND = REGRESSION
 
 
 def sinusoid(x: Tensor, amplitude: Tensor, phase: Tensor) -> Tensor:
@@ -39,7 +40,7 @@ class SinusoidTasks:
     no ``classes``. The ranges are ``(low, high)`` of the uniform distributions.
     """
 
-    kind = REGRESSION
+    kind = KIND
 
     def __init__(
         self,
