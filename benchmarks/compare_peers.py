@@ -19,26 +19,30 @@ What is compared
     meta-batch, optimiser, learning rate and schedule, steps, validation, test episodes,
     seed); regression parts (the quick suite's sinusoid) have no peer here and are left out.
 
-    * **metalab** runs through its public API: ``metalab.train.Trainer`` trains (validating
-      every ``val_every`` steps and keeping ``best.pt``, in a temporary folder), then
-      ``metalab.train.load_checkpoint(best.pt)`` and ``metalab.evaluate.evaluate`` score it.
+    * **metalab** runs through its public API: ``metalab.train.Trainer.from_config(config)``
+      trains (validating every ``val_every`` steps and keeping ``best.pt``, in a temporary
+      folder), then ``metalab.runs.load_checkpoint(best.pt)`` and
+      ``metalab.evaluate.evaluate`` score it.
     * **the peer** gets a copy of the metalab model's initial weights before training: the
       same backbone module (a ``copy.deepcopy`` of metalab's ``Conv4``, as the config builds
       it), and, for MAML, the same linear head (learn2learn wraps
       ``nn.Sequential(backbone, Flatten, head)`` in ``l2l.algorithms.MAML(lr=inner_lr,
-      first_order=...)``, as the config says). Its training loop mirrors ``Trainer.fit``
-      step for step: the same tasks (drawn as ``Trainer.fit`` draws them,
-      ``metalab.tasks.sample_tasks(source, seed, step, range(tasks_per_batch))``, and
-      checked: both sides draw through a :class:`RecordingSource`, and the run stops if a
-      task's digest differs), ``metalab.train.meta_backward`` (so the same
-      ``task_chunk`` backward granularity and precision), the same optimiser, learning rate,
-      schedule and gradient clipping, the same number of steps (or ``--budget`` seconds of
-      training steps), validation on the same validation episodes every ``val_every`` steps,
-      keeping the best weights. Each peer is wrapped in a small adapter that exposes
-      ``meta_loss`` / ``adapt`` by calling the peer's own API (easyfsl:
-      ``process_support_set`` then ``forward``; learn2learn: ``clone()`` then ``adapt()``), so
-      that one harness (``meta_backward``, ``evaluate``) drives both sides and the
-      latencies are timed by the same code.
+      first_order=...)``, as the config says). Each peer is wrapped in a small adapter that
+      presents metalab's two-method interface (``meta_loss`` / ``adapt``, ``name``, ``spec``,
+      ``kind``) by calling the peer's own API (easyfsl: ``process_support_set`` then
+      ``forward``; learn2learn: ``clone()`` then ``adapt()``), so that the peer is trained by
+      the same, real loop: a ``metalab.train.Trainer`` built from objects (the adapter, the
+      config's task sources, an optimiser and schedule built from the config as
+      ``Trainer.from_config`` builds metalab's, and every other setting of the config). Both
+      sides therefore draw the same tasks (``metalab.tasks.sample_tasks(source, seed, step,
+      share)``, checked: both draw through a :class:`RecordingSource`, and the run stops if a
+      task's digest differs), back-propagate with ``metalab.train.meta_backward`` (the same
+      ``task_chunk`` granularity and precision), take the same optimiser steps, schedule and
+      gradient clipping for the same number of steps (or ``--budget`` seconds of training
+      steps), validate on the same validation episodes every ``val_every`` steps and keep the
+      best weights in ``best.pt`` (checked too: the run stops if the two trainers' settings,
+      optimisers or schedules differ). ``evaluate`` then scores both, so the latencies are
+      timed by the same code.
 
     Both sides are then scored on the same fixed test episodes
     (``fixed_episodes(test source, test_episodes, TEST_SEED)``), episode by episode: the
@@ -60,16 +64,16 @@ Columns
     (validation excluded, as ``Trainer`` counts them) and steps; adaptation latency per task
     and query latency (median ms, ``evaluate``'s timers); parameters; peak memory (MiB,
     ``metalab.memory.PeakMemory``: on the CPU the peak resident set size above the level at
-    entry) during training (the largest over the training chunks, validation included) and
-    during adaptation (taken as ``metalab compare`` takes it: adapting to the first
-    ``ADAPT_MEMORY_EPISODES`` test tasks in one ``PeakMemory`` block); gradient steps at
-    adaptation.
+    entry) during training (the largest over the training chunks, validation and checkpoint
+    writes included, on both sides alike) and during adaptation (taken as ``metalab
+    compare`` takes it: adapting to the first ``ADAPT_MEMORY_EPISODES`` test tasks in one
+    ``PeakMemory`` block); gradient steps at adaptation.
 
 Methodology (a shared 2-core machine)
     Both libraries run in one process with ``torch.set_num_threads(--threads)`` (default 1:
     robust when other work shares the cores; set ``OMP_NUM_THREADS`` to the same value).
     Training is interleaved in chunks of ``val_every`` steps (chunk boundaries are the
-    validation steps, so ``Trainer.fit(steps=boundary)`` called chunk by chunk follows the
+    validation steps, and ``Trainer.fit(steps=...)`` called chunk by chunk follows the
     trajectory of one uninterrupted run), alternating which library goes first; evaluation
     is interleaved episode by episode, alternating the order too. Before each measured block
     freed memory is handed back to the OS (``malloc_trim``) so that one library's freed
@@ -138,7 +142,8 @@ try:
 
     import metalab
     from maml_step import Peer, import_learn2learn, machine_info  # sibling benchmark scripts
-    from metalab.algorithms import MetaLearner
+    from metalab.algorithms import MetaLearner, TaskSpec
+    from metalab.checkpoint import load_weights
     from metalab.compare import (
         ADAPT_MEMORY_EPISODES,
         Row,
@@ -152,17 +157,9 @@ try:
     from metalab.evaluate import EvalResult, evaluate, mean_ci95
     from metalab.memory import PeakMemory
     from metalab.models import feature_shape
-    from metalab.tasks import TaskBatch, fixed_episodes, sample_tasks
-    from metalab.train import (
-        TEST_SEED,
-        VAL_SEED,
-        Trainer,
-        TrainState,
-        load_checkpoint,
-        meta_backward,
-        resolve_device,
-        task_sources,
-    )
+    from metalab.runs import TEST_SEED, load_checkpoint, optimization, task_sources
+    from metalab.tasks import TaskBatch, TaskSource, fixed_episodes, sample_tasks
+    from metalab.train import Trainer, TrainState, meta_backward, resolve_device
     from protonet_throughput import import_easyfsl
 except ModuleNotFoundError as missing:
     sys.exit(f"compare_peers.py: {missing}. Run it with the peers' environment: "
@@ -172,8 +169,9 @@ except ModuleNotFoundError as missing:
 REPO = Path(__file__).resolve().parents[1]
 METALAB_FILES = ("algorithms/base.py", "algorithms/maml.py", "algorithms/protonet.py",
                  "algorithms/matchingnet.py", "algorithms/relationnet.py",
-                 "algorithms/pertask.py", "algorithms/parallel.py", "train.py", "evaluate.py",
-                 "tasks.py", "compare.py", "memory.py", "models/__init__.py")
+                 "algorithms/pertask.py", "algorithms/parallel.py", "train.py", "runs.py",
+                 "checkpoint.py", "kinds.py", "distributed.py", "evaluate.py", "tasks.py",
+                 "compare.py", "memory.py", "models/__init__.py")
 RESULTS = REPO / "benchmarks" / "results"
 SETUP_HINT = ("run `bash benchmarks/setup_peers.sh` (it creates .venv-peers) and use "
               "`.venv-peers/bin/python benchmarks/compare_peers.py`")
@@ -267,12 +265,12 @@ class Learn2LearnMAML(MetaLearner):
     name, family = "l2l.algorithms.MAML", "optimization"
 
     def __init__(self, l2l: types.ModuleType, init: MetaLearner) -> None:
-        super().__init__()
         if init.learn_inner_lr != "none":
             raise ValueError(f"learn_inner_lr={init.learn_inner_lr!r}: l2l.algorithms.MAML "
                              "has one fixed inner learning rate; compare with 'none'.")
-        if init.kind != "classification":
+        if not init.kind.classes:  # the losses below are cross-entropies over classes
             raise ValueError("compare_peers.py compares classification suites only.")
+        super().__init__(init.spec)  # metalab's tasks: the Trainer reads spec and kind
         net = nn.Sequential(copy.deepcopy(init.backbone), nn.Flatten(), copy.deepcopy(init.head))
         self.maml = l2l.MAML(net, lr=init.inner_lr, first_order=init.first_order)
         self.inner_steps, self.test_inner_steps = init.inner_steps, init.test_inner_steps
@@ -309,8 +307,8 @@ class EasyFSL(MetaLearner):
 
     family = "metric"
 
-    def __init__(self, model: nn.Module, name: str, loss: str) -> None:
-        super().__init__()
+    def __init__(self, model: nn.Module, name: str, loss: str, spec: TaskSpec) -> None:
+        super().__init__(spec)  # metalab's tasks: the Trainer reads spec and kind
         self.model, self.name, self.loss = model, name, loss
 
     def task_loss(self, output: Tensor, target: Tensor) -> Tensor:
@@ -371,7 +369,8 @@ def build_peer(algorithm: str, init: MetaLearner, config: Config,
         notes = ["same backbone and initial weights; no other parameters on either side",
                  "easyfsl scores with -euclidean distance, metalab with -squared distance "
                  f"(metric={init.metric!r})"]
-        return EasyFSL(model, "PrototypicalNetworks", "ce"), notes + _easyfsl_common()
+        return (EasyFSL(model, "PrototypicalNetworks", "ce", init.spec),
+                notes + _easyfsl_common())
     if algorithm == "matchingnet":
         if len(shape) != 1:
             raise ValueError(f"MatchingNetworks needs flat features; the backbone gives {shape}")
@@ -394,7 +393,7 @@ def build_peer(algorithm: str, init: MetaLearner, config: Config,
         notes.append("similarity: easyfsl softmax(query . normalised support), no temperature; "
                      f"metalab softmax(s * cosine), s={scale:g} "
                      f"({'learned' if isinstance(init.scale, nn.Parameter) else 'fixed'})")
-        return EasyFSL(model, "MatchingNetworks", "nll"), notes + _easyfsl_common()
+        return EasyFSL(model, "MatchingNetworks", "nll", init.spec), notes + _easyfsl_common()
     if algorithm == "relationnet":
         if len(shape) != 3:
             raise ValueError("RelationNetworks needs feature maps: the config's backbone must "
@@ -414,7 +413,7 @@ def build_peer(algorithm: str, init: MetaLearner, config: Config,
         notes.append(f"loss: {init.loss} (metalab's option) on both sides"
                      + ("; easyfsl's output is the sigmoid, so cross-entropy takes its logit"
                         if init.loss == "ce" else ""))
-        return EasyFSL(model, "RelationNetworks", loss), notes + _easyfsl_common()
+        return EasyFSL(model, "RelationNetworks", loss, init.spec), notes + _easyfsl_common()
     raise ValueError(f"no peer for {algorithm}")
 
 
@@ -426,16 +425,16 @@ def _easyfsl_common() -> list[str]:
             "the running statistics its own way (metalab.algorithms.pertask)"]
 
 
-# --- training: metalab's Trainer and the peer's mirror of it -----------------------------------
+# --- training: one real Trainer per side -------------------------------------------------------
 
 
 class RecordingSource:
     """A task source that keeps a digest of every task it draws (and forwards everything
-    else), so that the two sides of a pair can be checked to train on the same tasks
-    whichever way ``Trainer.fit`` draws them. Both sides draw through one, so both pay the
-    (small) hashing inside their timed steps."""
+    else, ``kind`` included), so that the two sides of a pair, each drawing from its own
+    source built from the same config, can be checked to train on the same tasks. Both sides
+    draw through one, so both pay the (small) hashing inside their timed steps."""
 
-    def __init__(self, source: Any) -> None:
+    def __init__(self, source: TaskSource) -> None:
         self.source, self.digests = source, []
 
     def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
@@ -458,129 +457,122 @@ def same_tasks(a: RecordingSource, b: RecordingSource, what: str) -> int:
     for k in range(count):
         if a.digests[k] != b.digests[k]:
             sys.exit(f"compare_peers.py: {what}: training task {k} differs between metalab's "
-                     "Trainer and the peer's loop, so they no longer train on the same tasks "
-                     "(Trainer.fit draws its tasks differently now); update PeerSide.fit to "
-                     "draw them as Trainer.fit does.")
+                     "Trainer and the peer's: their task sources, built from the same config, "
+                     "no longer draw the same task for the same (seed, step, index).")
     return count
 
 
-class Side:
-    """One library's run of one algorithm: training state, peaks, scores."""
+def peer_trainer(peer: MetaLearner, tasks: RecordingSource, config: Config,
+                 out: Path) -> Trainer:
+    """A ``Trainer`` for ``peer`` built from objects: everything ``Trainer.from_config``
+    takes from ``config`` for metalab's side, but the algorithm. It writes its checkpoints
+    (``best.pt``: the best validated weights) to ``out``; it records no config, since no
+    config can rebuild a peer (its weights load back with ``load_weights``)."""
+    peer.to(resolve_device(config.device))  # before the optimiser, as from_config does
+    optimizer, scheduler = optimization(config, peer.parameters())
+    val_tasks = (None if config.val_split is None else
+                 task_sources(config, config.val_split, train=False))
+    return Trainer(peer, tasks, val_tasks=val_tasks, optimizer=optimizer, scheduler=scheduler,
+                   steps=config.steps, tasks_per_batch=config.tasks_per_batch, seed=config.seed,
+                   out=out, val_every=config.val_every, val_episodes=config.val_episodes,
+                   log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+                   time_budget=config.time_budget, task_chunk=config.task_chunk,
+                   grad_clip=config.grad_clip, precision=config.precision,
+                   device=config.device, progress=False)
 
-    def __init__(self, library: str, algorithm: str, family: str) -> None:
+
+def training_settings(trainer: Trainer) -> dict[str, Any]:
+    """What two Trainers must share to train alike, their algorithms and tasks aside."""
+    names = ("steps", "tasks_per_batch", "seed", "share", "val_every", "val_episodes",
+             "checkpoint_every", "time_budget", "task_chunk", "grad_clip", "precision",
+             "device", "kind")
+    settings = {name: getattr(trainer, name) for name in names}
+    settings["optimizer"] = (type(trainer.optimizer).__name__, trainer.optimizer.defaults)
+    scheduler = trainer.scheduler
+    settings["scheduler"] = (None if scheduler is None else
+                             (type(scheduler).__name__, scheduler.state_dict()))
+    return settings
+
+
+def same_training(a: Trainer, b: Trainer, what: str) -> None:
+    """Stop unless the two Trainers (still untrained) have the same settings, optimiser and
+    schedule: ``peer_trainer`` mirrors ``Trainer.from_config``, which may change."""
+    ours, theirs = training_settings(a), training_settings(b)
+    differ = [name for name in ours if ours[name] != theirs[name]]
+    if differ:
+        sys.exit(f"compare_peers.py: {what}: the peer's Trainer differs from metalab's in "
+                 + "; ".join(f"{n} ({ours[n]!r} vs {theirs[n]!r})" for n in differ)
+                 + ". Update peer_trainer to build it as Trainer.from_config "
+                 "builds metalab's.")
+
+
+class Side:
+    """One library's run of one algorithm: its Trainer (state and ``best.pt``), peaks,
+    scores."""
+
+    def __init__(self, library: str, algorithm: str, family: str, trainer: Trainer,
+                 tasks: RecordingSource) -> None:
         self.library, self.algorithm, self.family = library, algorithm, family
+        self.trainer, self.tasks = trainer, tasks
         self.train_peak: float | None = None
         self.adapt_peak: float | None = None
         self.scores: list[float] = []
         self.adapt_s: list[float] = []
         self.query_s: list[float] = []
         self.eval_seconds = 0.0
-
-    @property
-    def state(self) -> TrainState:
-        raise NotImplementedError
-
-    def fit(self, until: int) -> None:
-        raise NotImplementedError
-
-    def model(self) -> MetaLearner:
-        raise NotImplementedError
-
-    def done(self, config: Config) -> bool:
-        s = self.state
-        return s.step >= config.steps or 0 < config.time_budget <= s.train_seconds
-
-
-class MetalabSide(Side):
-    def __init__(self, config: Config) -> None:
-        self.trainer = Trainer.from_config(config, progress=False)
-        self.raw_tasks = self.trainer.train_tasks
-        self.tasks = self.trainer.train_tasks = RecordingSource(self.raw_tasks)
-        super().__init__("metalab", config.algorithm, type(self.trainer.algo).family)
-        self.total_steps = config.steps
-        self.best: MetaLearner | None = None
+        self._best: MetaLearner | None = None
 
     @property
     def state(self) -> TrainState:
         return self.trainer.state
 
+    def done(self) -> bool:
+        """Whether training is over: all steps taken, or the time budget spent (where
+        ``Trainer.fit`` stops by itself)."""
+        trainer = self.trainer
+        return (trainer.state.step >= trainer.steps
+                or 0 < trainer.time_budget <= trainer.state.train_seconds)
+
     def fit(self, until: int) -> None:
-        # Trainer.fit trains until config.steps; boundaries at validation steps keep the
-        # trajectory (and best.pt) of one uninterrupted run.
-        self.trainer.config.steps = until
-        self.trainer.fit()
-        self.trainer.config.steps = self.total_steps
+        """Train up to step ``until``. Chunk boundaries at validation steps keep the
+        trajectory (validations, ``best.pt``) of one uninterrupted ``fit``."""
+        self.trainer.fit(steps=until - self.trainer.state.step)
 
     def model(self) -> MetaLearner:
-        if self.best is None:
-            self.best, _ = load_checkpoint(self.trainer.out / "best.pt")
-            self.best.to(self.trainer.device)
-        return self.best
+        """The best validated weights (``best.pt``), in eval mode, on the trainer's device."""
+        if self._best is None:
+            self._best = self.load_best(self.trainer.out / "best.pt").to(self.trainer.device)
+        return self._best.eval()
+
+    def load_best(self, path: Path) -> MetaLearner:
+        raise NotImplementedError
+
+
+class MetalabSide(Side):
+    """metalab's algorithm, as ``metalab compare`` trains and loads it: from the config."""
+
+    def __init__(self, config: Config) -> None:
+        trainer = Trainer.from_config(config, progress=False)
+        self.raw_tasks = trainer.train_tasks  # for the first-step check, drawn unrecorded
+        tasks = trainer.train_tasks = RecordingSource(self.raw_tasks)
+        super().__init__("metalab", config.algorithm, type(trainer.algo).family, trainer, tasks)
+
+    def load_best(self, path: Path) -> MetaLearner:
+        algo, _ = load_checkpoint(path)  # rebuilt from the config that best.pt records
+        return algo
 
 
 class PeerSide(Side):
-    """``Trainer.fit``'s loop for a peer: same tasks, seeds, optimiser, schedule, clipping,
-    validation; the best weights are kept in memory instead of ``best.pt``."""
+    """A peer behind its adapter, trained by a ``Trainer`` built from objects."""
 
-    def __init__(self, library: str, peer: MetaLearner, config: Config,
-                 device: torch.device) -> None:
-        super().__init__(library, peer.name, peer.family)
-        self.peer, self.config, self.device = peer.to(device), config, device
-        self.tasks = RecordingSource(task_sources(config, config.train_split, train=True))
-        optimizers = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-        self.optimizer = optimizers[config.optimizer](
-            peer.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(
-            self.optimizer, step_size=config.lr_decay_every or 10**12, gamma=config.lr_decay)
-        self._state = TrainState()
-        self.best_weights: dict[str, Tensor] | None = None
-        self.val_episodes: list[TaskBatch] | None = None
+    def __init__(self, library: str, peer: MetaLearner, config: Config, out: Path) -> None:
+        tasks = RecordingSource(task_sources(config, config.train_split, train=True))
+        super().__init__(library, peer.name, peer.family, peer_trainer(peer, tasks, config, out),
+                         tasks)
 
-    @property
-    def state(self) -> TrainState:
-        return self._state
-
-    def fit(self, until: int) -> None:
-        cfg, state = self.config, self._state
-        self.peer.train()
-        while state.step < until:
-            step = state.step
-            started, started_cpu = time.perf_counter(), time.process_time()
-            torch.manual_seed(cfg.seed * 1_000_003 + step)
-            batch = sample_tasks(self.tasks, cfg.seed, step, range(cfg.tasks_per_batch))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss, _ = meta_backward(self.peer, batch.to(self.device), cfg.task_chunk,
-                                    cfg.precision)
-            if not math.isfinite(loss):
-                raise RuntimeError(f"{self.library} {self.algorithm}: loss {loss} at step "
-                                   f"{step + 1}")
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.peer.parameters(), cfg.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            state.step += 1
-            state.train_seconds += time.perf_counter() - started
-            state.cpu_seconds += time.process_time() - started_cpu
-            last = state.step == until or 0 < cfg.time_budget <= state.train_seconds
-            if state.step % cfg.val_every == 0 or last:
-                self.validate()
-            if last:
-                break
-
-    def validate(self) -> None:
-        if self.val_episodes is None:
-            source = task_sources(self.config, self.config.val_split, train=False)
-            self.val_episodes = fixed_episodes(source, self.config.val_episodes, VAL_SEED)
-        result = evaluate(self.peer, self.val_episodes, "classification", self.device)
-        if self._state.best is None or result.mean > self._state.best:
-            self._state.best = result.mean
-            self.best_weights = copy.deepcopy(self.peer.state_dict())
-
-    def model(self) -> MetaLearner:
-        if self.best_weights is not None:
-            self.peer.load_state_dict(self.best_weights)
-            self.best_weights = None
-        return self.peer.eval()
+    def load_best(self, path: Path) -> MetaLearner:
+        load_weights(self.trainer.algo, path)  # into the adapter the Trainer trained
+        return self.trainer.algo
 
 
 # --- memory ------------------------------------------------------------------------------------
@@ -648,7 +640,7 @@ def evaluate_interleaved(sides: list[Side], episodes: list[TaskBatch],
             for k in order:
                 side, model = sides[k], models[k]
                 started = time.perf_counter()
-                result: EvalResult = evaluate(model, one, "classification", device)
+                result: EvalResult = evaluate(model, one, device=device)  # model.kind
                 side.eval_seconds += time.perf_counter() - started
                 side.scores.append(result.mean)
                 side.adapt_s.append(result.adapt_ms / 1e3)
@@ -669,23 +661,24 @@ def adapt_all(model: MetaLearner, episodes: list[TaskBatch], device: torch.devic
 
 def run_pair(algorithm: str, config: Config, peers: dict[str, Peer],
              log: Any) -> dict[str, Any]:
-    device = resolve_device(config.device)
     ml = MetalabSide(config)
+    device = ml.trainer.device
     peer_model, notes = build_peer(algorithm, ml.trainer.algo, config, peers)
     library = PAIRS[algorithm][0]
-    peer = PeerSide(library, peer_model, config, device)
-    first = sample_tasks(ml.raw_tasks, config.seed, 0, range(config.tasks_per_batch))
-    first = first.to(device)
-    check = first_step_check(ml.trainer.algo, peer.peer, first, config, algorithm == "maml")
+    peer = PeerSide(library, peer_model, config, Path(f"{config.out}-{library}"))
+    same_training(ml.trainer, peer.trainer, algorithm)
+    first = sample_tasks(ml.raw_tasks, config.seed, 0, ml.trainer.share).to(device)
+    check = first_step_check(ml.trainer.algo, peer.trainer.algo, first, config,
+                             algorithm == "maml")
     log(f"== {algorithm} vs {library} {peer.algorithm}: "
         + ", ".join(f"{k} {v:.3g}" for k, v in check.items()))
 
     sides: list[Side] = [ml, peer]
     boundary, chunk = 0, 0
-    while not all(side.done(config) for side in sides):
+    while not all(side.done() for side in sides):
         boundary = min(boundary + config.val_every, config.steps)
         for side in sides if chunk % 2 == 0 else sides[::-1]:
-            if not side.done(config):
+            if not side.done():
                 release_memory(collect=True)
                 measured(side, "train", partial(side.fit, boundary), device)
         chunk += 1
@@ -702,7 +695,7 @@ def run_pair(algorithm: str, config: Config, peers: dict[str, Peer],
     first_tasks = fixed_episodes(test_source, ADAPT_MEMORY_EPISODES, TEST_SEED)
     for side in sides[::-1]:
         measured(side, "adapt", partial(adapt_all, side.model(), first_tasks, device), device)
-    rows = [row_of(side, task_label(config)) for side in sides]
+    rows = [row_of(side, task_label(config, ml.trainer.kind)) for side in sides]
     for row in rows:
         log(f"   {row['library']:<12} {row['mean']:.2f}% ± {row['ci95']:.2f}, adapt "
             f"{row['adapt_ms']:.2f} ms, query {row['query_ms']:.2f} ms")
@@ -729,8 +722,9 @@ def row_of(side: Side, task: str) -> dict[str, Any]:
     model = side.model()
     mean, ci = mean_ci95(side.scores)
     values = {
-        "task": task, "algorithm": side.algorithm, "family": side.family, "metric": "accuracy",
-        "mean": mean, "ci95": ci, "train_seconds": side.state.train_seconds,
+        "task": task, "algorithm": side.algorithm, "family": side.family,
+        "kind": model.kind.name, "metric": model.kind.metric, "mean": mean, "ci95": ci,
+        "train_seconds": side.state.train_seconds,
         "train_cpu_seconds": side.state.cpu_seconds, "train_steps": side.state.step,
         "adapt_ms": statistics.median(side.adapt_s) * 1e3,
         "query_ms": statistics.median(side.query_s) * 1e3,
@@ -871,10 +865,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def configs_for(args: argparse.Namespace) -> tuple[list[tuple[str, Config]], list[str]]:
     """The (algorithm, config) runs: every algorithm on each classification part of the
     suite, configured by ``metalab.compare.part_config`` as ``metalab compare`` does; and the
-    parts left out (regression: no peer here)."""
+    parts left out (whose tasks are not classification, e.g. regression: no peer here)."""
     runs, skipped = [], []
     for part in suite_parts(args.suite):
-        if task_kind(part_config(part, "protonet")) != "classification":
+        if not task_kind(part_config(part, "protonet")).classes:
             skipped.append(part)
             continue
         for algorithm in args.algorithms:
@@ -927,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
                       for name in METALAB_FILES if (root / name).is_file()}
     log(f"compare_peers: suite {args.suite}, {torch.get_num_threads()} thread(s), "
         f"load average {load_start[0]:.2f}"
-        + "".join(f"; part {part} left out (regression: no peer)" for part in skipped))
+        + "".join(f"; part {part} left out (not classification: no peer)" for part in skipped))
     pairs = []
     with tempfile.TemporaryDirectory(prefix="compare_peers-") as folder:
         for index, (algorithm, config) in enumerate(configs):

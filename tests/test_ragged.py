@@ -1,6 +1,8 @@
 """Tasks of different sizes in one meta-batch (a user with 13 ratings beside one with 90):
 a RaggedTaskBatch trains with ProtoNet, MAML and the CNP, and its meta-gradient equals the
-same tasks computed one at a time (float64, 1e-9), BatchNorm running statistics included."""
+same tasks computed one at a time (float64, 1e-9), BatchNorm running statistics included,
+whether it is computed padded in one call (ProtoNet and the CNP on a network without
+BatchNorm) or in groups of equal-size tasks (everything else)."""
 
 from __future__ import annotations
 
@@ -63,13 +65,13 @@ CASES = [("protonet", "classification"), ("maml", "classification"), ("cnp", "cl
 OPTIONS = {"cnp": {"encoder_sizes": (16, 16), "decoder_sizes": (16,)}, "maml": {"inner_lr": 0.1}}
 
 
-def make(name: str, kind: str):
+def make(name: str, kind: str, batch_norm: bool = True):
     source = SOURCES[kind]()
     spec = task_spec(source)
     torch.manual_seed(0)
     # BatchNorm with running statistics: the tasks must not share them either.
     inputs = 16 if kind == "classification" else 1
-    backbone = MLP(inputs, hidden=(DIM,), batch_norm=True)
+    backbone = MLP(inputs, hidden=(DIM,), batch_norm=batch_norm)
     return source, build_algorithm(name, backbone, spec, **OPTIONS.get(name, {}))
 
 
@@ -91,15 +93,23 @@ def test_tasks_of_different_sizes_stack_into_a_ragged_batch() -> None:
     assert moved.task(1).support_y.dtype == torch.long  # labels keep their type
 
 
+@pytest.mark.parametrize("batch_norm", [True, False], ids=["batch-norm", "no-batch-norm"])
 @pytest.mark.parametrize(("name", "kind"), CASES, ids=[f"{n}-{k}" for n, k in CASES])
-def test_ragged_meta_gradient_equals_tasks_one_at_a_time(name: str, kind: str) -> None:
-    source, algo = make(name, kind)
+def test_ragged_meta_gradient_equals_tasks_one_at_a_time(name, kind, batch_norm) -> None:
+    source, algo = make(name, kind, batch_norm)
     algo = algo.double().train()
     batch = sample_tasks(source, seed=3, step=0, indices=range(6)).to("cpu", torch.float64)
     assert isinstance(batch, RaggedTaskBatch) and len(batch.groups()) > 1
     start = {k: v.clone() for k, v in algo.state_dict().items()}
 
+    calls = []
+    meta_loss = algo.meta_loss
+    algo.meta_loss = lambda part: calls.append(part) or meta_loss(part)
     loss, _ = meta_backward(algo, batch)
+    del algo.meta_loss
+    padded = algo.pads_tasks and not batch_norm
+    assert len(calls) == (1 if padded else len(batch.groups()))
+    assert calls[0].padded == padded
     grads = {n: p.grad.clone() for n, p in algo.named_parameters()}
     buffers = {k: v.clone() for k, v in algo.state_dict().items() if v.is_floating_point()}
 

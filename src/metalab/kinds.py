@@ -15,6 +15,9 @@ reinforcement learning) is one subclass and :func:`register_kind`; nothing else 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -57,14 +60,36 @@ class TaskKind:
         """The score of ``output`` against ``target``, a 0-d tensor (mean over queries)."""
         raise NotImplementedError
 
-    def metrics(self, output: Tensor, target: Tensor) -> dict[str, float]:
-        """``{metric: score}`` for the training log."""
-        return {self.metric: self.score(output.detach(), target).item()}
+    def query_losses(self, output: Tensor, target: Tensor) -> Tensor | None:
+        """The loss of each query ``[T, Q]``, when ``loss`` is their mean (it makes padded
+        batches fast); None otherwise."""
+        return None
 
-    def objective(self, output: Tensor, target: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """``(loss, {metric: score})`` of a batch of tasks' predictions: what most
-        ``meta_loss`` implementations return."""
-        return self.loss(output, target), self.metrics(output, target)
+    def query_scores(self, output: Tensor, target: Tensor) -> Tensor | None:
+        """The score of each query ``[T, Q]``, when ``score`` is their mean; else None."""
+        return None
+
+    def metrics(self, output: Tensor, target: Tensor, mask: Tensor | None = None,
+                ) -> dict[str, float]:
+        """``{metric: score}`` for the training log (``mask``: see :meth:`objective`)."""
+        output = output.detach()
+        if mask is None:
+            return {self.metric: self.score(output, target).item()}
+        score = _masked_task_mean(self.query_scores(output, target), mask, self.score, output,
+                                  target)
+        return {self.metric: score.item()}
+
+    def objective(self, output: Tensor, target: Tensor, mask: Tensor | None = None,
+                  ) -> tuple[Tensor, dict[str, float]]:
+        """``(loss, {metric: score})`` of a batch of tasks' predictions ``[T, Q, ...]``: what
+        most ``meta_loss`` implementations return. With ``mask`` ``[T, Q]`` (padded queries
+        of tasks of different sizes) both are means over tasks of each task's own, as if
+        every task were computed alone."""
+        if mask is None:
+            return self.loss(output, target), self.metrics(output, target)
+        loss = _masked_task_mean(self.query_losses(output, target), mask, self.loss, output,
+                                 target)
+        return loss, self.metrics(output, target, mask)
 
     def output_size(self, n_way: int, output_dim: int) -> int:
         """Outputs per query a predictor needs: one per class, or the target size."""
@@ -97,6 +122,17 @@ class TaskKind:
         return f"<task kind {self.name}>"
 
 
+def _masked_task_mean(per_query: Tensor | None, mask: Tensor, reduce: Callable, output: Tensor,
+                      target: Tensor) -> Tensor:
+    """Mean over tasks of each task's mean over its marked queries: from per-query values
+    ``[T, Q]`` when the kind gives them, else by ``reduce`` on each task's queries."""
+    if per_query is not None:
+        weights = mask.to(per_query.dtype)
+        return ((per_query * weights).sum(1) / weights.sum(1)).mean()
+    return torch.stack([reduce(o[m], t[m]) for o, t, m in zip(output, target, mask,
+                                                              strict=True)]).mean()
+
+
 class Classification(TaskKind):
     """N-way classification: cross-entropy on logits, scored by accuracy (reported in %)."""
 
@@ -112,6 +148,13 @@ class Classification(TaskKind):
     def score(self, output: Tensor, target: Tensor) -> Tensor:
         return (output.argmax(-1) == target).float().mean()
 
+    def query_losses(self, output: Tensor, target: Tensor) -> Tensor:
+        losses = F.cross_entropy(output.flatten(0, -2), target.flatten(), reduction="none")
+        return losses.view(target.shape)
+
+    def query_scores(self, output: Tensor, target: Tensor) -> Tensor:
+        return (output.argmax(-1) == target).to(output.dtype)
+
 
 class Regression(TaskKind):
     """Regression of real-valued targets: mean squared error for both loss and score."""
@@ -125,6 +168,12 @@ class Regression(TaskKind):
 
     def score(self, output: Tensor, target: Tensor) -> Tensor:
         return (output - target).pow(2).mean()
+
+    def query_losses(self, output: Tensor, target: Tensor) -> Tensor:
+        return (output - target).pow(2).flatten(2).mean(-1)
+
+    def query_scores(self, output: Tensor, target: Tensor) -> Tensor:
+        return self.query_losses(output, target)
 
 
 KINDS: dict[str, TaskKind] = {}

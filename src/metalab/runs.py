@@ -7,10 +7,12 @@ directly and hand them to :class:`metalab.train.Trainer`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from metalab import data
 from metalab.algorithms import ALGORITHMS, MetaLearner, TaskSpec, build_algorithm, task_spec
@@ -21,7 +23,8 @@ from metalab.models import build_backbone, use_batch_statistics
 from metalab.tasks import TaskSource, fixed_episodes
 from metalab.train import resolve_device
 
-__all__ = ["TEST_SEED", "build", "load_checkpoint", "score_checkpoint", "task_sources"]
+__all__ = ["TEST_SEED", "build", "load_checkpoint", "optimization", "score_checkpoint",
+           "task_sources"]
 
 TEST_SEED = 1  # the fixed test episodes (as in the MAML reference code)
 
@@ -42,6 +45,18 @@ def build(config: Config, tasks: TaskSource | TaskSpec) -> MetaLearner:
     torch.manual_seed(config.seed)
     backbone = build_backbone(config.backbone, spec.input_shape, **config.backbone_options)
     return build_algorithm(config.algorithm, backbone, spec, **config.algorithm_options)
+
+
+def optimization(config: Config, parameters: Iterable[nn.Parameter],
+                 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The config's optimiser (Adam, or SGD for Reptile's plain interpolation) over
+    ``parameters`` and its step-decay schedule (``lr_decay`` every ``lr_decay_every`` steps)."""
+    optimizers = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+    optimizer = optimizers[config.optimizer](
+        parameters, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(
+        optimizer, step_size=config.lr_decay_every or 10**12, gamma=config.lr_decay)
+    return optimizer, scheduler
 
 
 def load_checkpoint(

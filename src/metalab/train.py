@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from metalab import distributed
 from metalab.algorithms import MetaLearner
-from metalab.algorithms.pertask import each_task
+from metalab.algorithms.pertask import each_task, normalises_over_batch
 from metalab.checkpoint import check_compatible, read_checkpoint, save_checkpoint
 from metalab.config import Config
 from metalab.evaluate import EvalResult
@@ -124,17 +124,12 @@ class Trainer:
     def from_config(cls, config: Config, progress: bool = True) -> Trainer:
         """The trainer of ``config``: its task sources, algorithm, optimiser (Adam or SGD)
         and step-decay schedule, writing to ``config.out``."""
-        from metalab.runs import build, task_sources
+        from metalab.runs import build, optimization, task_sources
 
         train_tasks = task_sources(config, config.train_split, train=True)
         algorithm = build(config, train_tasks)
         device = distributed.local_device(resolve_device(config.device))
-        algorithm.to(device)
-        optimizers = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-        optimizer = optimizers[config.optimizer](
-            algorithm.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        scheduler = torch.optim.lr_scheduler.StepLR(
-            optimizer, step_size=config.lr_decay_every or 10**12, gamma=config.lr_decay)
+        optimizer, scheduler = optimization(config, algorithm.to(device).parameters())
         val_tasks = (None if config.val_split is None else
                      task_sources(config, config.val_split, train=False))
         return cls(algorithm, train_tasks, val_tasks=val_tasks, optimizer=optimizer,
@@ -375,15 +370,19 @@ def meta_backward(
 
     With ``task_chunk`` > 0 the tasks are back-propagated ``task_chunk`` at a time and the
     gradients accumulate, weighted by chunk size: the same gradient as one pass, with the
-    memory of one chunk. A :class:`~metalab.tasks.RaggedTaskBatch` is computed the same way,
-    one dense group of equal-size tasks (:meth:`~metalab.tasks.RaggedTaskBatch.groups`) at a
-    time: the mean over its tasks, as if each were computed alone. Every chunk starts from
+    memory of one chunk. A :class:`~metalab.tasks.RaggedTaskBatch` is padded in one batch for
+    an algorithm that honours the masks (``pads_tasks``) on a network that does not normalise
+    over its batch, else computed one dense group of equal-size tasks
+    (:meth:`~metalab.tasks.RaggedTaskBatch.groups`) at a time: either way the mean over its
+    tasks, as if each were computed alone. Every chunk starts from
     the step's buffers (BatchNorm running statistics), which end as the chunk-weighted mean
     of what the chunks left, as one pass leaves them (see :mod:`metalab.algorithms.pertask`).
     Stops at the first chunk whose loss is not finite and returns that loss.
     """
-    groups = ([group for _, group in batch.groups()] if isinstance(batch, RaggedTaskBatch)
-              else [batch])
+    groups = [batch]
+    if isinstance(batch, RaggedTaskBatch):
+        padded = batch.padded() if algo.pads_tasks and not normalises_over_batch(algo) else None
+        groups = [padded] if padded is not None else [group for _, group in batch.groups()]
     parts = []
     for group in groups:
         chunk = task_chunk or len(group)

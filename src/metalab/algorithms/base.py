@@ -110,6 +110,9 @@ class MetaLearner(nn.Module, ABC):
     # ("*": every kind), backbone options it needs, and {check (or "check:kind"): reason}
     # for checks that do not apply.
     check_options: ClassVar[dict[str, dict[str, Any]]] = {}
+    # True if meta_loss honours a padded batch's support_mask / query_mask (tasks of
+    # different sizes in one call); otherwise such tasks come in groups of equal sizes.
+    pads_tasks: ClassVar[bool] = False
     check_backbone_options: ClassVar[dict[str, Any]] = {}
     check_exemptions: ClassVar[dict[str, str]] = {}
 
@@ -126,10 +129,10 @@ class MetaLearner(nn.Module, ABC):
 
     @abstractmethod
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
-        """Differentiable loss of a dense meta-batch, and metrics (floats) for the log.
-        (A :class:`~metalab.tasks.RaggedTaskBatch` goes through
-        :func:`metalab.train.meta_backward`, which hands each group of equal-size tasks
-        here.)"""
+        """Differentiable loss of a meta-batch, and metrics (floats) for the log: the mean
+        over its tasks. (A :class:`~metalab.tasks.RaggedTaskBatch` goes through
+        :func:`metalab.train.meta_backward`, which hands it here padded, if ``pads_tasks``,
+        or as groups of equal-size tasks.)"""
 
     @abstractmethod
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Predictor:

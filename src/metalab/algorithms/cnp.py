@@ -64,6 +64,7 @@ class CNP(MetaLearner):
 
     name = "cnp"
     family = "model"
+    pads_tasks = True
     check_options: ClassVar[dict[str, dict[str, Any]]] = {
         "*": {"encoder_sizes": (32, 32), "decoder_sizes": (32,)}}
     check_exemptions: ClassVar[dict[str, str]] = {"check_learns:classification": SLOW_TO_LEARN}
@@ -98,13 +99,19 @@ class CNP(MetaLearner):
         """Embed ``[T, B, *shape]`` -> ``[T, B, D]``, each task on its own (``map_tasks``)."""
         return map_tasks(self.backbone, x).reshape(*x.shape[:2], -1)
 
-    def represent(self, features: Tensor, y: Tensor) -> Tensor:
+    def represent(self, features: Tensor, y: Tensor, mask: Tensor | None = None) -> Tensor:
         """``r`` of support sets: features ``[T, S, D]``, targets ``[T, S, ...]``; ``[T, 1, R]``
         for regression, ``[T, N, R]`` (one mean per class) for classification, whose class
-        indices are encoded one-hot."""
+        indices are encoded one-hot. With ``mask`` ``[T, S]`` only the marked pairs count."""
         if not self.kind.classes:
-            return self.encoder(torch.cat([features, y], -1)).mean(1, keepdim=True)
+            encoded = self.encoder(torch.cat([features, y], -1))
+            if mask is None:
+                return encoded.mean(1, keepdim=True)
+            weights = mask.unsqueeze(-1).to(encoded.dtype)
+            return (encoded * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True)
         onehot = F.one_hot(y, self.n_way).to(features.dtype)  # [T, S, N]
+        if mask is not None:
+            onehot = onehot * mask.unsqueeze(-1)
         encoded = self.encoder(torch.cat([features, onehot], -1))  # [T, S, R]
         counts = onehot.sum(1).clamp_min(1).unsqueeze(-1)  # [T, N, 1]
         return onehot.transpose(1, 2) @ encoded / counts
@@ -132,14 +139,20 @@ class CNP(MetaLearner):
             check_n_way(batch.n_way, self.n_way, self.name)
         num_support = batch.support_x.shape[1]
         features = self.embed(torch.cat([batch.support_x, batch.query_x], dim=1))
-        representation = self.represent(features[:, :num_support], batch.support_y)
+        representation = self.represent(features[:, :num_support], batch.support_y,
+                                        batch.support_mask)
         output = self.decode(representation, features[:, num_support:])
+        mask = batch.query_mask
         if self.kind.classes:
-            return self.kind.objective(output, batch.query_y)
+            return self.kind.objective(output, batch.query_y, mask)
         predicted = self.distribution(output)
-        loss = -predicted.log_prob(batch.query_y).mean()
-        return loss, {self.kind.metric: self.kind.score(predicted.mean.detach(),
-                                                        batch.query_y).item()}
+        nll = -predicted.log_prob(batch.query_y)
+        if mask is None:
+            loss = nll.mean()
+        else:  # each task's mean over its own queries, then the mean over tasks
+            weights = mask.to(nll.dtype)
+            loss = ((nll.flatten(2).mean(-1) * weights).sum(1) / weights.sum(1)).mean()
+        return loss, self.kind.metrics(predicted.mean, batch.query_y, mask)
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> CNPPredictor:
         if self.kind.classes:

@@ -20,9 +20,13 @@ from metalab.algorithms.pertask import map_tasks
 from metalab.tasks import TaskBatch
 
 
-def class_means(features: Tensor, labels: Tensor, n_way: int) -> Tensor:
-    """Per-task mean feature of each class: ``[T, S, D]``, ``[T, S]`` -> ``[T, N, D]``."""
+def class_means(features: Tensor, labels: Tensor, n_way: int, mask: Tensor | None = None,
+                ) -> Tensor:
+    """Per-task mean feature of each class: ``[T, S, D]``, ``[T, S]`` -> ``[T, N, D]``; with
+    ``mask`` ``[T, S]`` only the marked examples count (padded support sets)."""
     one_hot = F.one_hot(labels, n_way).to(features.dtype)  # [T, S, N]
+    if mask is not None:
+        one_hot = one_hot * mask.unsqueeze(-1)
     return one_hot.transpose(1, 2) @ features / one_hot.sum(1).unsqueeze(-1)
 
 
@@ -41,6 +45,7 @@ class ProtoNet(MetaLearner):
 
     name = "protonet"
     family = "metric"
+    pads_tasks = True
 
     def __init__(self, backbone: nn.Module, spec: TaskSpec, metric: str = "euclidean") -> None:
         super().__init__(spec)
@@ -60,10 +65,11 @@ class ProtoNet(MetaLearner):
         # in training mode BatchNorm then normalises the support set with its own statistics,
         # so the prototypes do not depend on the queries. (Also measured faster on this CPU
         # than one call over both: two batches of 300 glyphs against one of 600.)
-        prototypes = class_means(self.embed(batch.support_x), batch.support_y, batch.n_way)
+        prototypes = class_means(self.embed(batch.support_x), batch.support_y, batch.n_way,
+                                 batch.support_mask)
         queries = self.embed(batch.query_x)
         logits = prototype_logits(queries, prototypes, self.metric, self.scale)
-        return self.kind.objective(logits, batch.query_y)
+        return self.kind.objective(logits, batch.query_y, batch.query_mask)
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> PrototypePredictor:
         n_way = int(support_y.max()) + 1
