@@ -154,12 +154,13 @@ try:
         task_label,
     )
     from metalab.config import Config, apply_overrides
+    from metalab.distributed import resolve_device
     from metalab.evaluate import EvalResult, evaluate, mean_ci95
     from metalab.memory import PeakMemory
     from metalab.models import feature_shape
     from metalab.runs import TEST_SEED, load_checkpoint, optimization, task_sources
     from metalab.tasks import TaskBatch, TaskSource, fixed_episodes, sample_tasks
-    from metalab.train import Trainer, TrainState, meta_backward, resolve_device
+    from metalab.train import Trainer, TrainState, meta_backward
     from protonet_throughput import import_easyfsl
 except ModuleNotFoundError as missing:
     sys.exit(f"compare_peers.py: {missing}. Run it with the peers' environment: "

@@ -101,3 +101,43 @@ def test_batch_indexing_and_stacking() -> None:
     joined = TaskBatch.stack([batch[:2], batch[2:]])
     assert torch.equal(joined.support_x, batch.support_x)
     assert torch.equal(joined.classes, batch.classes)
+
+
+def test_integer_inputs_keep_their_type_and_embedding_backbones_build() -> None:
+    """Token or item ids as inputs: .to(dtype) casts only floating tensors, task_spec records
+    the input dtype and feature_shape probes with it, so an nn.Embedding backbone works."""
+    from torch import nn
+
+    from metalab.algorithms import build_algorithm, task_spec
+    from metalab.kinds import CLASSIFICATION
+    from metalab.models import BACKBONES, build_backbone, register_backbone
+
+    class TokenTasks:
+        kind = CLASSIFICATION
+
+        def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
+            ids = torch.randint(0, 50, (num_tasks, 12, 6), generator=generator)
+            labels = torch.arange(3).repeat(4).expand(num_tasks, 12)
+            return TaskBatch(ids[:, :6], labels[:, :6], ids[:, 6:], labels[:, 6:])
+
+    batch = TokenTasks().sample(2, torch.Generator().manual_seed(0)).to("cpu", torch.float64)
+    assert batch.support_x.dtype == torch.long and batch.query_y.dtype == torch.long
+    spec = task_spec(TokenTasks())
+    assert spec.input_dtype == torch.long and spec.n_way == 3 and spec.input_shape == (6,)
+    assert spec.from_dict(spec.to_dict()) == spec
+
+    def bag_of_words(input_shape: tuple[int, ...], vocabulary: int = 50) -> nn.Module:
+        return nn.EmbeddingBag(vocabulary, 8)
+
+    register_backbone("bag-of-words", bag_of_words)
+    try:
+        backbone = build_backbone("bag-of-words", spec.input_shape)
+        algo = build_algorithm("protonet", backbone, spec)
+        loss, _ = algo.meta_loss(batch.to("cpu"))
+        assert torch.isfinite(loss)
+        with pytest.raises(ValueError, match="already registered"):
+            register_backbone("bag-of-words", lambda input_shape: nn.Identity())
+    finally:
+        del BACKBONES["bag-of-words"]
+    with pytest.raises(ValueError, match="unknown backbone 'bag-of-words'.*register_backbone"):
+        build_backbone("bag-of-words", (6,))

@@ -26,7 +26,7 @@ def _train(args: argparse.Namespace) -> None:
     writes and scores the test split."""
     from metalab import distributed
     from metalab.config import load_config
-    from metalab.train import resolve_device
+    from metalab.distributed import resolve_device
 
     overrides = list(args.set) + ([f"out={args.out}"] if args.out else [])
     config = load_config(args.config, overrides)

@@ -46,6 +46,7 @@ __all__ = [
     "process_group",
     "rank",
     "reduce_step",
+    "resolve_device",
     "restart_count",
     "restarted",
     "run_id",
@@ -89,6 +90,13 @@ def restarted() -> bool:
 def run_id() -> str | None:
     """torchrun's id of this job (``--rdzv-id``; a fresh one per ``--standalone`` launch)."""
     return os.environ.get("TORCHELASTIC_RUN_ID")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def local_device(device: torch.device) -> torch.device:

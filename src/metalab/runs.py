@@ -1,8 +1,8 @@
 """Runs described by a :class:`~metalab.config.Config`: the objects a config names (task
 sources, backbone, algorithm), and trained checkpoints loaded back and scored.
 
-This is what the CLI and ``metalab compare`` use; a Python user can build the same objects
-directly and hand them to :class:`metalab.train.Trainer`.
+This is what ``Trainer.from_config``, the CLI and ``metalab compare`` use; a Python user can
+build the same objects directly and hand them to :class:`metalab.train.Trainer`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from metalab import data
 from metalab.algorithms import ALGORITHMS, MetaLearner, TaskSpec, build_algorithm, task_spec
 from metalab.checkpoint import check_compatible, read_checkpoint
 from metalab.config import Config
+from metalab.distributed import resolve_device
 from metalab.evaluate import EvalResult, evaluate
 from metalab.models import build_backbone, use_batch_statistics
 from metalab.tasks import TaskSource, fixed_episodes
-from metalab.train import resolve_device
 
 __all__ = ["TEST_SEED", "build", "load_checkpoint", "optimization", "score_checkpoint",
            "task_sources"]

@@ -42,10 +42,10 @@ from metalab.checkpoint import check_compatible, read_checkpoint, save_checkpoin
 from metalab.config import Config
 from metalab.evaluate import EvalResult
 from metalab.io import atomic_write_text
+from metalab.runs import build, optimization, task_sources
 from metalab.tasks import RaggedTaskBatch, TaskBatch, TaskSource, fixed_episodes, sample_tasks
 
-__all__ = ["VAL_SEED", "TrainState", "Trainer", "TrainingDiverged", "meta_backward",
-           "resolve_device"]
+__all__ = ["VAL_SEED", "TrainState", "Trainer", "TrainingDiverged", "meta_backward"]
 
 VAL_SEED = 1234  # the fixed validation episodes
 BUDGET_VALIDATIONS = 5  # a run with a time_budget validates after each fifth of it
@@ -53,13 +53,6 @@ BUDGET_VALIDATIONS = 5  # a run with a time_budget validates after each fifth of
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @dataclass
@@ -105,7 +98,7 @@ class Trainer:
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.share = distributed.task_share(tasks_per_batch, self.rank, self.world_size)
         self.progress = progress and self.rank == 0
-        self.device = distributed.local_device(resolve_device(device))
+        self.device = distributed.local_device(distributed.resolve_device(device))
         if self.device.type == "cuda":  # same seed, same weights: no autotuned, racy kernels
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         self.out = Path(out) if out is not None else None
@@ -124,11 +117,9 @@ class Trainer:
     def from_config(cls, config: Config, progress: bool = True) -> Trainer:
         """The trainer of ``config``: its task sources, algorithm, optimiser (Adam or SGD)
         and step-decay schedule, writing to ``config.out``."""
-        from metalab.runs import build, optimization, task_sources
-
         train_tasks = task_sources(config, config.train_split, train=True)
         algorithm = build(config, train_tasks)
-        device = distributed.local_device(resolve_device(config.device))
+        device = distributed.local_device(distributed.resolve_device(config.device))
         optimizer, scheduler = optimization(config, algorithm.to(device).parameters())
         val_tasks = (None if config.val_split is None else
                      task_sources(config, config.val_split, train=False))
