@@ -73,4 +73,4 @@ def easy_config(out: Path, **changes: object):
                   test_k_shot=1, test_q_query=5, steps=20, val_every=10, val_episodes=20,
                   test_episodes=50, log_every=5, lr=3e-3, out=str(out))
     values.update(changes)
-    return Config(**values)
+    return Config.from_dict(values)

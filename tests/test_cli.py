@@ -144,9 +144,11 @@ def test_datasets_lists_every_source(capsys) -> None:
 
 def test_errors_exit_2_with_a_message(easy_data, tmp_path, capsys) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(easy_config(tmp_path, algorithm="protonett").to_dict()))
+    path.write_text(yaml.safe_dump({**easy_config(tmp_path).to_dict(), "algorithm": "protonett"}))
     assert main(["train", str(path), "--quiet"]) == 2
-    assert "unknown algorithm 'protonett'; registered algorithms:" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert f"invalid config {path}:" in error
+    assert "algorithm: unknown algorithm 'protonett'; available: anil," in error
     path.write_text(yaml.safe_dump(easy_config(tmp_path, n_way=50).to_dict()))
     assert main(["train", str(path), "--quiet"]) == 2
     assert "50-way episodes need 50 classes" in capsys.readouterr().err

@@ -15,7 +15,6 @@ distributed code is responsible for: the gradient of each step.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -65,8 +64,8 @@ def tiny_config(name: str, out: Path) -> Config:
                   optimizer="sgd", lr=0.1, device="cpu", out=str(out))
     if name in REGRESSION:
         values.update(dataset="sinusoid", backbone="mlp", backbone_options={"hidden": [16, 16]},
-                      n_way=0, k_shot=5, q_query=5, test_k_shot=5, test_q_query=5)
-    return Config(**values)
+                      k_shot=5, q_query=5, test_k_shot=5, test_q_query=5)
+    return Config.from_dict(values)
 
 
 def register_easy() -> None:
@@ -198,8 +197,7 @@ def worker(out: Path) -> None:
                 alone = evaluate(trainer.algo, trainer.validation_episodes(), trainer.kind)
                 validation = [[r.mean, r.ci95, r.episodes] for r in (sharded, alone)]
         # A time budget: rank 0's clock decides for both, so they stop at the same step.
-        config = dataclasses.replace(tiny_config("protonet", out / "budget"), steps=10**6,
-                                     time_budget=0.3)
+        config = tiny_config("protonet", out / "budget").replace(steps=10**6, time_budget=0.3)
         stopped = distributed.gather_objects(Trainer.from_config(config, progress=False).fit().step)
         if distributed.rank() == 0:
             report = {"identical_ranks": identical, "validation": validation,

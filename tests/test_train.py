@@ -108,12 +108,12 @@ def test_resume_without_checkpoint_says_what_to_do(easy_data, tmp_path) -> None:
 def test_unknown_config_key_lists_valid_keys(tmp_path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("algorithm: protonet\nlearning_rate: 0.1\n")
-    with pytest.raises(ValueError, match=r"unknown key\(s\).*learning_rate.*valid keys:.*lr"):
+    with pytest.raises(ValueError, match=r"bad.yaml:\n  unknown key 'learning_rate'; valid keys:.*lr"):
         load_config(str(path))
 
 
 def test_unknown_algorithm_and_option_are_clear_errors(easy_data, tmp_path) -> None:
-    with pytest.raises(ValueError, match="unknown algorithm 'mamll'.*registered algorithms:"):
+    with pytest.raises(ValueError, match="algorithm: unknown algorithm 'mamll'; available:"):
         Trainer.from_config(easy_config(tmp_path, algorithm="mamll"), progress=False)
     with pytest.raises(ValueError, match="unknown option.*metrc.*valid options: metric"):
         Trainer.from_config(easy_config(tmp_path, algorithm_options={"metrc": "cosine"}),

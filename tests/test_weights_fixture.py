@@ -1,8 +1,9 @@
 """Every registered algorithm, trained 20 steps on the quick suite's glyphs and sinusoid
 configs, ends with bit-identical weights to those recorded in ``fixtures/weights_20_steps.json``
 (a sha256 per state-dict tensor, recorded before the core was reorganised around task kinds
-and a Trainer built from objects). A change that moves any weight by one bit fails here; a
-deliberate one re-records the fixture and says why in the CHANGELOG."""
+and a Trainer built from objects, and before configs became a base plus deltas). A change
+that moves any weight by one bit fails here; a deliberate one re-records the fixture and says
+why in the CHANGELOG."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def test_twenty_steps_give_the_recorded_weights(part, name, recorded, tmp_path) 
     if not ALGORITHMS[name].supports(task_kind(config)):
         assert part.format(name) not in recorded
         return
-    config.steps, config.val_split, config.device, config.out = 20, None, "cpu", str(tmp_path)
+    config = config.replace(steps=20, val_split=None, device="cpu", out=str(tmp_path))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # as recorded: MAML's task threads follow torch's thread count
     try:

@@ -17,7 +17,11 @@ if TYPE_CHECKING:
     from metalab.config import Config
     from metalab.evaluate import EvalResult
 
-EPILOG_CONFIGS = "built-in configs (use the name or a path to your own YAML): {}"
+EPILOG_CONFIGS = ("A config file sets keys of the run (algorithm, dataset, n_way, lr, ...); "
+                  "'base: NAME' starts from another config (a built-in name or a path "
+                  "relative to the file) and overrides it, option mappings key by key. "
+                  "Values are checked for type and range before anything trains. "
+                  "Built-in configs (use the name or a path to your own YAML): {}")
 
 
 def _train(args: argparse.Namespace) -> None:

@@ -155,7 +155,7 @@ def _train_and_score(config: Config, run_dir: Path, progress: bool) -> Row:
     from metalab.tasks import fixed_episodes
     from metalab.train import Trainer
 
-    config.out = str(run_dir)
+    config = config.replace(out=str(run_dir))
     trainer = Trainer.from_config(config, progress=progress)
     with PeakMemory(trainer.device) as train_peak:
         state = trainer.fit()
@@ -223,7 +223,7 @@ def diversity_curve(config: Config, row: Row, fractions: list[float], out: Path,
         if fraction >= 1.0:
             curve.append((1.0, row.mean, row.ci95))
             continue
-        subset = Config.from_dict({**config.to_dict(), "train_fraction": fraction})
+        subset = config.replace(train_fraction=fraction)
         print(f"   diversity: {config.algorithm} on {fraction:.0%} of the meta-train classes")
         scored = run_one(subset, out / "diversity", fresh, progress)
         curve.append((fraction, scored.mean, scored.ci95))
@@ -272,9 +272,9 @@ def run_compare(
     for part, name in pairs:
         config = part_config(part, name)
         if steps is not None:
-            config.steps, config.val_every = steps, min(config.val_every, steps)
+            config = config.replace(steps=steps, val_every=min(config.val_every, steps))
         if budget is not None:
-            config.steps, config.time_budget = 10**9, budget
+            config = config.replace(steps=10**9, time_budget=budget)
         limit = f"{budget:.0f} s" if budget is not None else f"{config.steps} steps"
         print(f"== {name} on {task_label(config, kinds[part])}: {limit} of meta-training")
         row = run_one(config, out, fresh, progress)

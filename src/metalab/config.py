@@ -1,21 +1,43 @@
-"""Run configuration: one flat dataclass, read from YAML, overridable with ``key=value``."""
+"""Run configuration: a validated, frozen schema, read from YAML files that build on a base.
+
+A config file holds the keys of :class:`Config` it sets; ``base: NAME`` starts from another
+config (a built-in name such as ``omniglot/maml-5w1s``, or a path relative to the file) and
+the file's keys override it, option mappings (``algorithm_options``, ...) key by key::
+
+    # omniglot/fomaml-5w1s.yaml: MAML's Omniglot setup, first order
+    base: omniglot/maml-5w1s
+    algorithm: fomaml
+
+``out`` is not inherited: it defaults to ``runs/<config name>``. ``--set key=value`` overrides
+are applied last. Values are parsed as YAML 1.2 numbers (``1e-3`` is a number), checked for
+type and range by a pydantic schema, and the result is frozen: a bad value is an error that
+names the key and the file before anything trains.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass, field
+import re
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-__all__ = ["Config", "apply_overrides", "find_config", "load_config"]
+__all__ = ["Config", "ConfigError", "apply_overrides", "builtin_configs", "find_config",
+           "load_config", "read_config"]
+
+Positive = Annotated[int, Field(ge=1)]
+Count = Annotated[int, Field(ge=0)]
 
 
-@dataclass
-class Config:
+class ConfigError(ValueError):
+    """A config that cannot be read or does not validate; the message names file and key."""
+
+
+class Config(BaseModel):
     """Everything that defines a training run. Defaults: ProtoNet on the embedded glyphs.
 
     Training episodes are ``n_way``-way ``k_shot``-shot with ``q_query`` queries per class,
@@ -23,83 +45,136 @@ class Config:
     sizes. The learning rate is multiplied by ``lr_decay`` every ``lr_decay_every`` steps.
     With ``val_split: null`` nothing is validated and the final weights are the ones scored:
     the protocol of a rerun on train+val for a step count chosen on a validated run (Snell et
-    al. 2017 trained their published Omniglot models so).
+    al. 2017 trained their published Omniglot models so). Frozen: :meth:`replace` returns a
+    changed, validated copy.
     """
 
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
     algorithm: str = "protonet"
-    algorithm_options: dict[str, Any] = field(default_factory=dict)
+    algorithm_options: dict[str, Any] = Field(default_factory=dict)
     backbone: str = "conv4"
-    backbone_options: dict[str, Any] = field(default_factory=dict)
+    backbone_options: dict[str, Any] = Field(default_factory=dict)
     dataset: str = "glyphs"
-    dataset_options: dict[str, Any] = field(default_factory=dict)
+    dataset_options: dict[str, Any] = Field(default_factory=dict)
     data_dir: str | None = None
     train_split: str = "train"
-    train_fraction: float = 1.0  # <1: meta-train on this share of the train split's alphabets
+    # <1: meta-train on this share of the train split's alphabets
+    train_fraction: float = Field(1.0, gt=0, le=1)
     val_split: str | None = "val"  # None: no validation; best.pt is the latest weights
     test_split: str = "test"
-    n_way: int = 5
-    k_shot: int = 1
-    q_query: int = 15
-    tasks_per_batch: int = 1
-    task_chunk: int = 0  # >0: back-propagate this many tasks at a time (bounds memory)
-    test_n_way: int = 5
-    test_k_shot: int = 1
-    test_q_query: int = 15
-    steps: int = 1000
-    time_budget: float = 0.0  # >0: stop once training steps have taken this many seconds
-    optimizer: str = "adam"  # "adam" or "sgd" (Reptile's plain interpolation)
-    lr: float = 1e-3
-    lr_decay: float = 0.5
-    lr_decay_every: int = 0  # 0: constant learning rate
-    weight_decay: float = 0.0
-    grad_clip: float | None = None
-    val_every: int = 250
-    checkpoint_every: int = 0  # >0: also write last.pt every this many steps (restarts lose less)
-    val_episodes: int = 200
-    test_episodes: int = 600
-    log_every: int = 10
-    precision: str = "fp32"  # "bf16": autocast the training forward pass (evaluation stays fp32)
-    seed: int = 0
+    n_way: Positive = 5
+    k_shot: Positive = 1
+    q_query: Positive = 15
+    tasks_per_batch: Positive = 1
+    task_chunk: Count = 0  # >0: back-propagate this many tasks at a time (bounds memory)
+    test_n_way: Positive = 5
+    test_k_shot: Positive = 1
+    test_q_query: Positive = 15
+    steps: Positive = 1000
+    time_budget: float = Field(0.0, ge=0)  # >0: stop once training steps took this many s
+    optimizer: Literal["adam", "sgd"] = "adam"  # SGD: Reptile's plain interpolation
+    lr: float = Field(1e-3, gt=0)
+    lr_decay: float = Field(0.5, gt=0, le=1)
+    lr_decay_every: Count = 0  # 0: constant learning rate
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)  # None: no clipping
+    val_every: Positive = 250
+    checkpoint_every: Count = 0  # >0: also write last.pt every this many steps
+    val_episodes: Positive = 200
+    test_episodes: Positive = 600
+    log_every: Positive = 10
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast the training forward pass
+    seed: Count = 0
     device: str = "auto"
     out: str = "runs/default"
 
+    @field_validator("algorithm")
+    @classmethod
+    def _registered_algorithm(cls, name: str) -> str:
+        from metalab.algorithms import ALGORITHMS
+
+        return _registered(name, ALGORITHMS, "algorithm")
+
+    @field_validator("backbone")
+    @classmethod
+    def _registered_backbone(cls, name: str) -> str:
+        from metalab.models import BACKBONES
+
+        return _registered(name, BACKBONES, "backbone")
+
+    @field_validator("dataset")
+    @classmethod
+    def _registered_dataset(cls, name: str) -> str:
+        from metalab.data import DATASETS
+
+        return _registered(name, DATASETS, "dataset")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return device
+
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> Config:
-        """Build from a mapping; an unknown key is an error that lists the valid keys."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(names))
-        if unknown:
-            raise ValueError(
-                f"unknown key(s) in {source}: {', '.join(unknown)}; valid keys: {', '.join(names)}."
-            )
-        config = cls(**values)
-        if config.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {config.precision!r}.")
-        if config.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config.optimizer!r}.")
-        if not 0 < config.train_fraction <= 1:
-            raise ValueError(f"train_fraction is a share of the meta-train classes in (0, 1], "
-                             f"got {config.train_fraction}.")
-        if config.time_budget < 0:
-            raise ValueError(f"time_budget is in seconds and must be 0 (none) or positive, "
-                             f"got {config.time_budget}.")
-        if config.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every is in steps and must be 0 (at validation only) "
-                             f"or positive, got {config.checkpoint_every}.")
-        if config.task_chunk < 0:
-            raise ValueError(f"task_chunk must be 0 (all tasks at once) or positive, "
-                             f"got {config.task_chunk}.")
-        return config
+        """Build and validate from a mapping; any error names ``source`` and the key."""
+        try:
+            return cls.model_validate(values)
+        except ValidationError as error:
+            raise ConfigError(_explain(error, source)) from None
+
+    def replace(self, **changes: Any) -> Config:
+        """A validated copy with ``changes`` applied."""
+        return Config.from_dict({**self.to_dict(), **changes}, source="replace()")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
+
+
+def _registered(name: str, registry: Iterable[str], what: str) -> str:
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}; available: {', '.join(sorted(registry))}")
+    return name
+
+
+def _explain(error: ValidationError, source: str) -> str:
+    """One line per invalid key: the key, what is wrong, the value given."""
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(config)"
+        if item["type"] == "extra_forbidden":
+            names = ", ".join(Config.model_fields)
+            lines.append(f"unknown key {key!r}; valid keys: {names}")
+            continue
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{key}: {message} (got {item.get('input')!r})")
+    return f"invalid config {source}:\n  " + "\n  ".join(lines)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 numbers: ``1e-3`` and ``5e-1`` are floats (YAML 1.1 wants a dot)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _parse(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source} is not valid YAML: {error}") from None
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise ValueError(f"--set expects key=value (e.g. --set lr=0.0005), got {item!r}.")
+        raise ConfigError(f"--set expects key=value (e.g. --set lr=0.0005), got {item!r}.")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    return key.strip().split("."), _parse(raw, f"--set {item}")
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -111,19 +186,24 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         for part in path[:-1]:
             target = target.setdefault(part, {})
             if not isinstance(target, dict):
-                raise ValueError(f"--set {item}: {part} is not a mapping of options.")
+                raise ConfigError(f"--set {item}: {part} is not a mapping of options.")
         target[path[-1]] = value
     return values
 
 
-def find_config(name: str) -> Path:
-    """A config file path, or the name of a built-in config such as ``omniglot/protonet-5w1s``."""
-    path = Path(name)
+def _configs_root() -> Path:
+    return Path(str(resources.files("metalab") / "configs"))
+
+
+def find_config(name: str, relative_to: Path | None = None) -> Path:
+    """A config file path (relative to ``relative_to`` if given, else to the working
+    directory), or the name of a built-in config such as ``omniglot/protonet-5w1s``."""
+    path = (relative_to / name) if relative_to is not None else Path(name)
     if path.is_file():
         return path
-    builtin = resources.files("metalab") / "configs" / (name.removesuffix(".yaml") + ".yaml")
+    builtin = _configs_root() / (name.removesuffix(".yaml") + ".yaml")
     if builtin.is_file():
-        return Path(str(builtin))
+        return builtin
     raise FileNotFoundError(
         f"no config file {name!r} (looked at {path.resolve()} and the built-in configs); "
         f"built-in configs: {', '.join(builtin_configs())}."
@@ -131,14 +211,57 @@ def find_config(name: str) -> Path:
 
 
 def builtin_configs() -> list[str]:
-    root = Path(str(resources.files("metalab") / "configs"))
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+    """Names of the built-in configs (files whose name starts with ``_`` are only bases)."""
+    root = _configs_root()
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml")
+                  if not p.name.startswith("_"))
+
+
+def _merge(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    """``base`` overridden by ``delta``; mappings (option dicts) merge key by key."""
+    merged = dict(base)
+    for key, value in delta.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_config(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The values of the config file ``path`` with its ``base`` chain resolved (without
+    ``out``, which is never inherited)."""
+    if path.resolve() in chain:
+        names = " -> ".join(str(p) for p in (*chain, path.resolve()))
+        raise ConfigError(f"config bases form a cycle: {names}.")
+    text = path.read_text()
+    if not text.strip() or all(line.lstrip().startswith("#") for line in text.splitlines()
+                               if line.strip()):
+        raise ConfigError(f"{path} is empty; a config sets some keys (see 'metalab train -h') "
+                          "or starts from another with 'base: NAME'.")
+    values = _parse(text, str(path))
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, got "
+                          f"{type(values).__name__}.")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    try:
+        base_path = find_config(str(base), relative_to=path.parent)
+    except FileNotFoundError as error:
+        raise ConfigError(f"{path}: base {base!r} not found. {error}") from None
+    inherited = read_config(base_path, (*chain, path.resolve()))
+    inherited.pop("out", None)
+    return _merge(inherited, values)
 
 
 def load_config(name: str | os.PathLike, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (path or built-in name) and apply ``--set`` overrides."""
+    """Read a config (path or built-in name), resolve its bases, apply ``--set`` overrides
+    and validate. ``out`` defaults to ``runs/<config name>``."""
     path = find_config(str(name))
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a mapping of config keys, got {type(values).__name__}.")
+    values = read_config(path)
+    root = _configs_root()
+    label = (str(path.relative_to(root).with_suffix("")) if path.is_relative_to(root)
+             else path.stem)
+    values.setdefault("out", f"runs/{label}")
     return Config.from_dict(apply_overrides(values, overrides or []), source=str(path))
