@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 __all__ = ["Config", "ConfigError", "apply_overrides", "builtin_configs", "find_config",
            "load_config", "read_config"]
@@ -89,26 +96,14 @@ class Config(BaseModel):
     device: str = "auto"
     out: str = "runs/default"
 
-    @field_validator("algorithm")
+    @field_validator("algorithm", "backbone", "dataset")
     @classmethod
-    def _registered_algorithm(cls, name: str) -> str:
-        from metalab.algorithms import ALGORITHMS
-
-        return _registered(name, ALGORITHMS, "algorithm")
-
-    @field_validator("backbone")
-    @classmethod
-    def _registered_backbone(cls, name: str) -> str:
-        from metalab.models import BACKBONES
-
-        return _registered(name, BACKBONES, "backbone")
-
-    @field_validator("dataset")
-    @classmethod
-    def _registered_dataset(cls, name: str) -> str:
-        from metalab.data import DATASETS
-
-        return _registered(name, DATASETS, "dataset")
+    def _registered(cls, name: str, info: ValidationInfo) -> str:
+        registry = _registries()[info.field_name]
+        if name not in registry:
+            raise ValueError(f"unknown {info.field_name} {name!r}; available: "
+                             f"{', '.join(sorted(registry))}")
+        return name
 
     @field_validator("device")
     @classmethod
@@ -133,10 +128,14 @@ class Config(BaseModel):
         return self.model_dump()
 
 
-def _registered(name: str, registry: Iterable[str], what: str) -> str:
-    if name not in registry:
-        raise ValueError(f"unknown {what} {name!r}; available: {', '.join(sorted(registry))}")
-    return name
+def _registries() -> dict[str, Iterable[str]]:
+    """The registries that name algorithms, backbones and data sets (imported when needed:
+    they import most of metalab, and users add to them before loading a config)."""
+    from metalab.algorithms import ALGORITHMS
+    from metalab.data import DATASETS
+    from metalab.models import BACKBONES
+
+    return {"algorithm": ALGORITHMS, "backbone": BACKBONES, "dataset": DATASETS}
 
 
 def _explain(error: ValidationError, source: str) -> str:
