@@ -107,7 +107,8 @@ def test_bad_values_are_clear_errors_naming_key_and_file(text, message, tmp_path
 
 
 def test_bad_overrides_and_cycles(tmp_path) -> None:
-    with pytest.raises(ConfigError, match=r"lr: Input should be greater than 0 \(got -0.001\)"):
+    with pytest.raises(ConfigError, match=r"default.yaml with --set lr=-1e-3:\n  lr: Input "
+                                          r"should be greater than 0 \(got -0.001\)"):
         load_config("quick/default", ["lr=-1e-3"])
     with pytest.raises(ConfigError, match="--set expects key=value"):
         load_config("quick/default", ["lr"])

@@ -263,4 +263,5 @@ def load_config(name: str | os.PathLike, overrides: list[str] | None = None) -> 
     label = (str(path.relative_to(root).with_suffix("")) if path.is_relative_to(root)
              else path.stem)
     values.setdefault("out", f"runs/{label}")
-    return Config.from_dict(apply_overrides(values, overrides or []), source=str(path))
+    source = str(path) + (f" with --set {' '.join(overrides)}" if overrides else "")
+    return Config.from_dict(apply_overrides(values, overrides or []), source=source)
