@@ -1,78 +1,54 @@
-"""Conv-4 in NCHW against channels-last memory order on this CPU: speed and float32 precision.
+"""Conv-4 in NCHW against channels-last memory order (``Conv4(channels_last=...)``): seconds of
+a forward + backward, interleaved, and the float32 gradient's error against float64 NCHW, for
+ProtoNet episodes (5-way 1-shot 15-query, 60-way 5-shot 5-query) and one second-order MAML
+task. See benchmarks/README.md.
 
-What is measured
-    For each layout (``Conv4(channels_last=False)``, the default, and ``channels_last=True``)
-    and each workload, the seconds of one forward + backward, and the float32 gradient's
-    relative error ``||g32 - g64|| / ||g64||`` against the same step in float64 (NCHW):
-
-    * ``protonet-5w1s15q`` / ``protonet-60w5s5q`` -- a ProtoNet training episode on glyph
-      images (one backbone call over support and query, squared-distance logits,
-      cross-entropy): 80 and 600 images.
-    * ``maml-task`` -- one task of second-order MAML (5 support + 75 query glyphs, one inner
-      step of 0.4 with the graph kept, query loss, gradient to the initial weights), Conv-4 +
-      linear head, BatchNorm on batch statistics.
-
-    Both layouts start from the same weights and see the same images. Timing: ``--repeats``
-    rounds, the layouts interleaved (A B, then B A, ...); reported is each layout's median
-    and the median of the paired ratios channels-last / NCHW.
-
-Running
-    python benchmarks/conv4_layout.py            # prints a table, writes the JSON
-    python benchmarks/conv4_layout.py --quick    # smoke run
+    python benchmarks/conv4_layout.py [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
+import harness
 from metalab.data import task_source
 from metalab.models import Conv4, use_batch_statistics
-from protonet_throughput import machine_info
 
 LAYOUTS = {"nchw": False, "channels_last": True}
-Step = Callable[[nn.Module, torch.dtype], Tensor]  # one step -> flat float64 gradient
+Step = Callable[[nn.Module, torch.dtype], Tensor]  # one step -> the flat gradient, float64
+FULL = {"repeats": 15, "threads": 2}
+QUICK = {"repeats": 3}
 
 
 def protonet_step(x: Tensor, n_way: int, k_shot: int) -> Step:
-    """ProtoNet episode on ``x``: the first ``n_way * k_shot`` images are the support set, and
-    image ``i`` is of class ``i % n_way`` (the order metalab's episodes have)."""
-    support = n_way * k_shot
-    query_y = torch.arange(len(x) - support) % n_way
+    """A ProtoNet episode on ``x``: the first ``n_way * k_shot`` images are the support set,
+    image ``i`` is of class ``i % n_way`` (the order of metalab's episodes)."""
+    support, query_y = n_way * k_shot, torch.arange(len(x) - n_way * k_shot) % n_way
 
     def step(net: nn.Module, dtype: torch.dtype) -> Tensor:
         net.zero_grad(set_to_none=True)
         features = net(x.to(dtype))
         prototypes = features[:support].reshape(k_shot, n_way, -1).mean(0)
-        logits = -torch.cdist(features[support:], prototypes).pow(2)
-        F.cross_entropy(logits, query_y).backward()
+        F.cross_entropy(-torch.cdist(features[support:], prototypes).pow(2), query_y).backward()
         return torch.cat([p.grad.flatten().double() for p in net.parameters()])
 
     return step
 
 
-def maml_step(support_x: Tensor, query_x: Tensor, n_way: int, inner_lr: float = 0.4) -> Step:
+def maml_task(support_x: Tensor, query_x: Tensor, n_way: int, inner_lr: float = 0.4) -> Step:
     """One task of second-order MAML (one inner step), gradient to the initial weights."""
-    support_y = torch.arange(len(support_x)) % n_way
-    query_y = torch.arange(len(query_x)) % n_way
+    support_y, query_y = (torch.arange(len(x)) % n_way for x in (support_x, query_x))
 
     def step(net: nn.Module, dtype: torch.dtype) -> Tensor:
         params = dict(net.named_parameters())
         inner = F.cross_entropy(functional_call(net, params, (support_x.to(dtype),)), support_y)
         grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
-        fast = {name: p - inner_lr * g for (name, p), g in zip(params.items(), grads, strict=True)}
+        fast = {k: p - inner_lr * g for (k, p), g in zip(params.items(), grads, strict=True)}
         outer = F.cross_entropy(functional_call(net, fast, (query_x.to(dtype),)), query_y)
         return torch.cat([g.flatten().double()
                           for g in torch.autograd.grad(outer, list(params.values()))])
@@ -94,56 +70,36 @@ def measure(name: str, step: Step, head: int | None, repeats: int) -> dict:
     torch.manual_seed(0)
     state = network(head, False, None).state_dict()
     nets = {layout: network(head, cl, state) for layout, cl in LAYOUTS.items()}
-    reference = step(network(head, False, state).double(), torch.float64)
-    errors = {layout: ((step(net, torch.float32) - reference).norm() / reference.norm()).item()
-              for layout, net in nets.items()}  # also the warm-up step
-    times: dict[str, list[float]] = {layout: [] for layout in nets}
-    for r in range(repeats):
-        for layout in (list(nets) if r % 2 == 0 else list(nets)[::-1]):
-            start = time.perf_counter()
-            step(nets[layout], torch.float32)
-            times[layout].append(time.perf_counter() - start)
-    ratios = [cl / base for cl, base in zip(times["channels_last"], times["nchw"], strict=True)]
-    row = {"workload": name, "seconds": {k: statistics.median(v) for k, v in times.items()},
-           "ratio_channels_last_over_nchw": statistics.median(ratios),
-           "grad_rel_error_fp32": errors, "raw_seconds": times}
-    print(f"| {name} | {row['seconds']['nchw']:.4f} | {row['seconds']['channels_last']:.4f} | "
-          f"{row['ratio_channels_last_over_nchw']:.2f}x | {errors['nchw']:.1e} | "
+    exact = step(network(head, False, state).double(), torch.float64)
+    errors = {layout: ((step(net, torch.float32) - exact).norm() / exact.norm()).item()
+              for layout, net in nets.items()}  # also each layout's warm-up step
+    times = harness.interleave({layout: lambda i, net=net: step(net, torch.float32)
+                                for layout, net in nets.items()}, repeats)
+    summary = harness.summarise(times, "nchw")
+    print(f"| {name} | {summary['nchw']['s']:.4f} | {summary['channels_last']['s']:.4f} | "
+          f"{summary['channels_last']['ratio']:.2f}x | {errors['nchw']:.1e} | "
           f"{errors['channels_last']:.1e} |", flush=True)
-    return row
+    return {"workload": name, "summary": summary, "grad_rel_error_fp32": errors, "step_s": times}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="3 repeats, small shapes only")
-    parser.add_argument("--out", help="JSON path (default: benchmarks/results/conv4_layout.json; "
-                        "--quick: conv4_layout-quick.json)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    repeats = 3 if args.quick else args.repeats
+    args = harness.Options(__doc__, "conv4_layout", FULL, QUICK).parse()
 
-    def images(n_way: int, per_class: int) -> Tensor:
+    def images(n_way: int, per_class: int) -> Tensor:  # image i of class i % n_way
         batch = task_source("glyphs", "train", n_way, per_class, 1).sample(
             1, torch.Generator().manual_seed(0))
-        return batch.support_x[0]  # n_way * per_class images, image i of class i % n_way
+        return batch.support_x[0]
 
     print("| workload | NCHW s | channels-last s | channels-last / NCHW | "
-          "fp32 grad error NCHW | fp32 grad error channels-last |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    rows = [measure("protonet-5w1s15q", protonet_step(images(5, 16), 5, 1), None, repeats),
-            measure("maml-task", maml_step(images(5, 1), images(5, 15), 5), 5, repeats)]
-    if not args.quick:
+          "fp32 grad error NCHW | fp32 grad error channels-last |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: |")
+    rows = [measure("protonet-5w1s15q", protonet_step(images(5, 16), 5, 1), None, args.repeats),
+            measure("maml-task", maml_task(images(5, 1), images(5, 15), 5), 5, args.repeats)]
+    if not args.quick:  # the large episode: seconds per repeat
         rows.append(measure("protonet-60w5s5q", protonet_step(images(60, 10), 60, 5), None,
-                            repeats))
-    report = {"benchmark": "conv4_layout", "unit": "seconds per forward + backward",
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "repeats": repeats,
-              "machine": machine_info(args.threads), "rows": rows}
-    out = Path(args.out or f"benchmarks/results/conv4_layout{'-quick' if args.quick else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out}")
+                            args.repeats))
+    harness.write_json(args.out, "conv4_layout", {
+        "unit": "seconds per forward + backward", "repeats": args.repeats, "rows": rows})
 
 
 if __name__ == "__main__":

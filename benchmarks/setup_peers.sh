@@ -38,11 +38,12 @@ PIP=("$VENV/bin/python" -m pip install --quiet)
 "${PIP[@]}" "torch==$TORCH_VERSION"
 
 # easyfsl without its declared dependencies (torchvision, pandas, matplotlib, tqdm): the
-# benchmark imports only easyfsl/methods/prototypical_networks.py and the two modules it
-# needs (few_shot_classifier.py, utils.py), which import nothing but torch. torchvision would
-# also drag in another torch (PyPI's torchvision does not load beside the local CPU torch).
-# pip then reports "easyfsl 1.5.0 requires matplotlib/pandas/torchvision, which is not installed":
-# expected, and harmless for the benchmark.
+# benchmarks import only easyfsl/methods/{prototypical,matching,relation}_networks.py and the
+# modules they need, which import nothing but torch, except predesigned_modules.py: it imports
+# torchvision.models.resnet for ResNet builders never called here, and harness.import_peer
+# lends it a placeholder. torchvision would also drag in another torch (PyPI's torchvision does
+# not load beside the local CPU torch). pip then reports "easyfsl 1.5.0 requires
+# matplotlib/pandas/torchvision, which is not installed": expected, and harmless here.
 "${PIP[@]}" --no-deps "easyfsl==$EASYFSL_VERSION"
 
 # higher: pure Python, needs only torch. Its wheel declares torch, hence --no-deps.
@@ -66,11 +67,11 @@ PIP=("$VENV/bin/python" -m pip install --quiet)
 # setup_requires=cython is met by the Cython installed here, not fetched again) and without
 # its declared dependencies (torchvision, gym, scipy, requests, gsutil, qpth, ...).
 # learn2learn/__init__.py imports all of its subpackages, and so those dependencies:
-# `import learn2learn` fails here, by design. The MAML benchmark imports only
+# `import learn2learn` fails here, by design. The benchmarks import only
 # learn2learn.algorithms.maml (with base_learner.py and utils/__init__.py: torch and the
 # standard library) by registering bare package objects for learn2learn and
-# learn2learn.algorithms, as protonet_throughput.py does for easyfsl (see
-# import_learn2learn in benchmarks/maml_step.py). Skipped when already installed. pip then
+# learn2learn.algorithms (see import_peer in benchmarks/harness.py, which does the same
+# for easyfsl). Skipped when already installed. pip then
 # reports "learn2learn 0.2.0 requires gsutil/gym/qpth/...": expected, like easyfsl's.
 if ! "$VENV/bin/python" -m pip show learn2learn 2>/dev/null \
         | grep -qx "Version: $LEARN2LEARN_VERSION"; then
@@ -86,9 +87,18 @@ if ! "$VENV/bin/python" -m pip show learn2learn 2>/dev/null \
     "${PIP[@]}" --no-deps --no-build-isolation "$SRC"
 fi
 
-# metalab itself, editable, with its runtime dependencies named by hand: --no-deps keeps pip
-# from re-resolving torch.
-"${PIP[@]}" numpy pillow pyyaml tqdm
+# metalab itself, editable, with the runtime dependencies pyproject.toml lists, torch excepted:
+# --no-deps keeps pip from re-resolving torch.
+mapfile -t DEPS < <("$VENV/bin/python" - "$REPO/pyproject.toml" <<'EOF'
+import re, sys, tomllib
+
+with open(sys.argv[1], "rb") as file:
+    for requirement in tomllib.load(file)["project"]["dependencies"]:
+        if re.match(r"[A-Za-z0-9_.-]+", requirement)[0].lower() != "torch":
+            print(requirement)
+EOF
+)
+"${PIP[@]}" "${DEPS[@]}"
 "${PIP[@]}" --no-deps -e "$REPO"
 
 "$VENV/bin/python" - <<'EOF'
@@ -105,14 +115,15 @@ print(f"torch {torch.__version__}, easyfsl {md.version('easyfsl')}, "
 if not torch.__version__.endswith("+cpu"):
     print("warning: this torch is not the local CPU build; check the pip output above.")
 EOF
-# The MAML peers import the way the benchmark imports them; stop here if one does not.
+# The peers import the way the benchmarks import them; stop here if one does not.
 "$VENV/bin/python" - "$REPO/benchmarks" <<'EOF'
 import sys
 
 sys.path.insert(0, sys.argv[1])
-from maml_step import import_higher, import_learn2learn, import_torchopt
+from harness import import_peer
 
-for peer in (import_learn2learn(), import_higher(), import_torchopt()):
+for name in ("learn2learn", "easyfsl", "higher", "torchopt"):
+    peer = import_peer(name)
     if peer.module is None:
         sys.exit(f"setup_peers.sh: {peer.error}")
     print(f"{peer.name} {peer.version}: imports" + "".join(f"; {n}" for n in peer.notes))

@@ -38,7 +38,8 @@ from metalab.config import Config, builtin_configs, load_config
 from metalab.io import atomic_write_text
 from metalab.kinds import TaskKind, get_kind
 
-__all__ = ["Comparison", "Row", "parse_budget", "run_compare", "suite_parts"]
+__all__ = ["ADAPT_MEMORY_EPISODES", "Comparison", "Row", "parse_budget", "part_config",
+           "run_compare", "suite_parts", "task_kind", "task_label"]
 
 # suite -> config patterns, one per task distribution; "{}" is the algorithm (or "default").
 SUITES: dict[str, tuple[str, ...]] = {
