@@ -43,7 +43,7 @@ def _train_in_group(args: argparse.Namespace, config: Config) -> None:
     from metalab.runs import score_checkpoint
     from metalab.train import Trainer
 
-    trainer = Trainer.from_config(config, progress=not args.quiet)
+    trainer = Trainer.from_config(config, progress=not args.quiet, overwrite=args.overwrite)
     main_rank = distributed.rank() == 0
     # After a lost worker, torchrun (--max-restarts) starts every worker again: they continue
     # from the job's last checkpoint, or start afresh if it had written none.
@@ -106,9 +106,15 @@ def _adapt(args: argparse.Namespace) -> None:
     from metalab.runs import load_checkpoint
 
     algo, config = load_checkpoint(args.checkpoint)
+    if not algo.kind.classes or len(algo.spec.input_shape) != 3:
+        raise ValueError(f"metalab adapt labels images with an image classifier; "
+                         f"{args.checkpoint} was trained on {algo.kind.name} tasks with inputs "
+                         f"of shape {tuple(algo.spec.input_shape)}. Use it from Python, or "
+                         f"train a classifier on images.")
     channels, size = algo.spec.input_shape[0], algo.spec.input_shape[-1]
     fmt = image_format(config.dataset)
     classes, support_x, support_y = _read_support(Path(args.support), channels, size, fmt)
+    algo.check_ways(len(classes))
     queries = _image_files(Path(args.query))
     if not queries:
         raise ValueError(f"no images in {args.query}; put the images to label there.")
@@ -200,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true",
                        help="continue from <out>/last.pt exactly where it stopped (under "
                        "torchrun --max-restarts, restarted workers resume by themselves)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an output folder that holds another run, moving "
+                       "that run aside to <out>.replaced-<time> (nothing is deleted)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=_train)
 

@@ -157,7 +157,8 @@ def _train_and_score(config: Config, run_dir: Path, progress: bool) -> Row:
     from metalab.train import Trainer
 
     config = config.replace(out=str(run_dir))
-    trainer = Trainer.from_config(config, progress=progress)
+    # the folder is compare's cache of this row: a retrain moves an older run aside
+    trainer = Trainer.from_config(config, progress=progress, overwrite=True)
     with PeakMemory(trainer.device) as train_peak:
         state = trainer.fit()
     algo, _, result = score_checkpoint(run_dir / "best.pt", progress=progress)

@@ -240,7 +240,7 @@ def evaluate_sharded(
     return EvalResult(metric=results[0].metric, mean=mean, ci95=ci, episodes=len(results),
                       adapt_ms=statistics.median(r.adapt_ms for r in results),
                       query_ms=statistics.median(r.query_ms for r in results),
-                      unit=results[0].unit)
+                      unit=results[0].unit, nonfinite=sum(r.nonfinite for r in results))
 
 
 def floating_buffers(algo: MetaLearner) -> list[torch.Tensor]:

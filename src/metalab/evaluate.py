@@ -23,7 +23,7 @@ from metalab.tasks import RaggedTaskBatch, TaskBatch
 if TYPE_CHECKING:
     from metalab.algorithms.base import MetaLearner
 
-__all__ = ["EvalResult", "evaluate", "mean_ci95"]
+__all__ = ["EvalResult", "check_finite", "evaluate", "mean_ci95"]
 
 
 @dataclass
@@ -37,10 +37,14 @@ class EvalResult:
     adapt_ms: float  # median time of algo.adapt on one support set
     query_ms: float  # median time of one predictor call on one query set
     unit: str = ""  # "%" for accuracy
+    nonfinite: int = 0  # episodes whose score was NaN or infinite (then mean and CI are NaN)
 
     def __str__(self) -> str:
+        broken = (f"; {self.nonfinite} of {self.episodes} episodes gave a non-finite score "
+                  f"(adaptation diverged)" if self.nonfinite else "")
         return (f"{self.metric} {self.mean:.2f}{self.unit} ± {self.ci95:.2f} over {self.episodes} "
-                f"episodes; adapt {self.adapt_ms:.2f} ms, query {self.query_ms:.2f} ms (median)")
+                f"episodes; adapt {self.adapt_ms:.2f} ms, query {self.query_ms:.2f} ms (median)"
+                f"{broken}")
 
     def to_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
@@ -57,6 +61,17 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
     if len(values) < 2:
         return mean, float("nan")
     return mean, 1.96 * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def check_finite(module: torch.nn.Module, name: str = "the model") -> None:
+    """Raise a clear error if any weight or buffer of ``module`` is NaN or infinite: such a
+    model would score as if it guessed, hiding that it is broken."""
+    broken = [key for key, t in module.state_dict().items()
+              if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:
+        raise ValueError(f"{name} has non-finite weights ({', '.join(broken[:5])}"
+                         f"{', ...' if len(broken) > 5 else ''}); it diverged in training. "
+                         f"Use an earlier checkpoint or retrain with a lower lr or grad_clip.")
 
 
 def _now(device: torch.device) -> float:
@@ -77,6 +92,7 @@ def evaluate(
     The algorithm is put in eval mode for the duration and restored afterwards.
     """
     kind = get_kind(kind) if kind is not None else algo.kind
+    check_finite(algo)
     device = torch.device(device)
     was_training = algo.training
     algo.eval()
@@ -104,4 +120,5 @@ def evaluate(
         metric=kind.metric, mean=mean, ci95=ci, episodes=len(scores),
         adapt_ms=statistics.median(adapt_times) * 1e3,
         query_ms=statistics.median(query_times) * 1e3, unit=kind.unit,
+        nonfinite=sum(not math.isfinite(s) for s in scores),
     )

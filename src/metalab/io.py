@@ -16,6 +16,7 @@ def _atomic_replace(path: Path, write: Any) -> None:
     """Write through ``write(file)`` to a temporary file beside ``path``, fsync, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the user's umask decides
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -31,6 +32,12 @@ def _atomic_replace(path: Path, write: Any) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

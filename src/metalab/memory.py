@@ -16,7 +16,7 @@ from types import TracebackType
 
 import torch
 
-__all__ = ["PeakMemory", "status_kib"]
+__all__ = ["PeakMemory", "available_bytes", "status_kib"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -28,6 +28,21 @@ def status_kib(key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     raise KeyError(key)
+
+
+def available_bytes(device: torch.device | str = "cpu") -> int | None:
+    """Memory free for new tensors on ``device`` (CPU: the kernel's MemAvailable; CUDA: the
+    allocator's free memory), or None where it cannot be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _release_free_memory() -> None:

@@ -19,7 +19,7 @@ from metalab.algorithms import ALGORITHMS, MetaLearner, TaskSpec, build_algorith
 from metalab.checkpoint import check_compatible, read_checkpoint
 from metalab.config import Config
 from metalab.distributed import resolve_device
-from metalab.evaluate import EvalResult, evaluate
+from metalab.evaluate import EvalResult, check_finite, evaluate
 from metalab.models import build_backbone, use_batch_statistics
 from metalab.tasks import TaskSource, fixed_episodes
 
@@ -91,6 +91,7 @@ def load_checkpoint(
     except RuntimeError as error:
         raise ValueError(f"{path} does not fit {config.algorithm} with backbone "
                          f"{config.backbone}: {error}") from error
+    check_finite(algo, str(path))
     return algo.eval(), config
 
 
@@ -111,6 +112,7 @@ def score_checkpoint(
         raise ValueError(f"{path} normalises every task with its support set's statistics "
                          f"(batch_norm: support), in training and at test; batch statistics "
                          f"do not apply to it. Evaluate it without --transductive-bn.")
+    algo.check_ways(config.test_n_way)
     if transductive:
         use_batch_statistics(algo)
     device = resolve_device(config.device)

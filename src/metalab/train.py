@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ from metalab.checkpoint import check_compatible, read_checkpoint, save_checkpoin
 from metalab.config import Config
 from metalab.evaluate import EvalResult
 from metalab.io import atomic_write_text
+from metalab.memory import available_bytes
+from metalab.runfolder import RunFolder, RunFolderError
 from metalab.runs import build, optimization, task_sources
 from metalab.tasks import RaggedTaskBatch, TaskBatch, TaskSource, fixed_episodes, sample_tasks
 
@@ -88,7 +91,7 @@ class Trainer:
         val_every: int = 250, val_episodes: int = 200, log_every: int = 10,
         checkpoint_every: int = 0, time_budget: float = 0.0, task_chunk: int = 0,
         grad_clip: float | None = None, precision: str = "fp32", device: str = "auto",
-        progress: bool = True, config: Config | None = None,
+        progress: bool = True, config: Config | None = None, overwrite: bool = False,
     ) -> None:
         self.steps, self.tasks_per_batch, self.seed = steps, tasks_per_batch, seed
         self.val_every, self.val_episodes, self.log_every = val_every, val_episodes, log_every
@@ -102,8 +105,13 @@ class Trainer:
         if self.device.type == "cuda":  # same seed, same weights: no autotuned, racy kernels
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         self.out = Path(out) if out is not None else None
+        self.folder = RunFolder(self.out) if self.out is not None else None
+        self.overwrite = overwrite
+        self._resumed, self._claimed = False, False
+        self._pending: list[tuple[str, dict[str, Any]]] = []  # history events before the lock
         self.train_tasks, self.val_tasks = train_tasks, val_tasks
         self.kind = train_tasks.kind
+        self._check_memory(train_tasks)
         self.algo = algorithm.to(self.device)
         # Every rank builds the same weights from the same seed; copying rank 0's makes sure.
         distributed.broadcast_tensors_(
@@ -113,16 +121,37 @@ class Trainer:
         self.state = TrainState()
         self._val_episodes: list | None = None
 
+    def _check_memory(self, tasks: TaskSource) -> None:
+        """Refuse a meta-batch whose examples alone would not fit in the memory available,
+        before anything is allocated (one task is drawn to size it)."""
+        available = available_bytes(self.device)
+        if available is None:
+            return
+        task = tasks.sample(1, torch.Generator().manual_seed(0)).task(0)
+        per_task = sum(t.numel() * (4 if t.is_floating_point() else t.element_size())
+                       for t in (task.support_x, task.support_y, task.query_x, task.query_y))
+        needed = per_task * len(self.share)
+        if needed > available:
+            raise ValueError(
+                f"a meta-batch of {len(self.share)} tasks holds {needed / 2**30:.1f} GiB of "
+                f"examples, more than the {available / 2**30:.1f} GiB of memory available on "
+                f"{self.device}; lower tasks_per_batch (task_chunk bounds the memory of the "
+                f"backward pass, not of the tasks drawn).")
+
     @classmethod
-    def from_config(cls, config: Config, progress: bool = True) -> Trainer:
+    def from_config(cls, config: Config, progress: bool = True, overwrite: bool = False,
+                    ) -> Trainer:
         """The trainer of ``config``: its task sources, algorithm, optimiser (Adam or SGD)
-        and step-decay schedule, writing to ``config.out``."""
+        and step-decay schedule, writing to ``config.out`` (``overwrite``: a run already
+        there is moved aside). The test split is opened too, so that a mistake in it stops
+        the run before training rather than after."""
         train_tasks = task_sources(config, config.train_split, train=True)
         algorithm = build(config, train_tasks)
         device = distributed.local_device(distributed.resolve_device(config.device))
         optimizer, scheduler = optimization(config, algorithm.to(device).parameters())
         val_tasks = (None if config.val_split is None else
                      task_sources(config, config.val_split, train=False))
+        task_sources(config, config.test_split, train=False)
         return cls(algorithm, train_tasks, val_tasks=val_tasks, optimizer=optimizer,
                    scheduler=scheduler, steps=config.steps,
                    tasks_per_batch=config.tasks_per_batch, seed=config.seed, out=config.out,
@@ -130,7 +159,8 @@ class Trainer:
                    log_every=config.log_every, checkpoint_every=config.checkpoint_every,
                    time_budget=config.time_budget, task_chunk=config.task_chunk,
                    grad_clip=config.grad_clip, precision=config.precision,
-                   device=config.device, progress=progress, config=config)
+                   device=config.device, progress=progress, config=config,
+                   overwrite=overwrite)
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -208,16 +238,90 @@ class Trainer:
             self.scheduler.load_state_dict(ckpt["scheduler"])
         self.state = TrainState(ckpt["step"], ckpt["best"], ckpt["train_seconds"],
                                 ckpt.get("cpu_seconds", 0.0))
-        if self.rank == 0:
-            self._truncate_log(self.state.step)
+        self._resumed = True
+        self._pending.append(("resume", {"step": self.state.step}))
+        if self.config is not None and ckpt.get("config") is not None:
+            self._apply_changed_settings(ckpt["config"])
+
+    def _apply_changed_settings(self, trained: dict[str, Any]) -> None:
+        """Resuming with other settings than the checkpoint's: the optimiser's (learning
+        rate, weight decay, schedule) are applied to the restored optimiser state, and every
+        change is recorded in the run's history; another optimiser is refused."""
+        config = self.config
+        changed = {key: [trained.get(key), value] for key, value in config.to_dict().items()
+                   if key != "out" and trained.get(key) != value}
+        if not changed:
+            return
+        if "optimizer" in changed:
+            raise ValueError(f"cannot resume a run trained with {trained['optimizer']} with "
+                             f"{config.optimizer}: its state does not carry over; start a new "
+                             f"run (--out) or keep optimizer={trained['optimizer']}.")
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = config.weight_decay
+            group["initial_lr"] = config.lr
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.StepLR):
+            self.scheduler.step_size = config.lr_decay_every or 10**12
+            self.scheduler.gamma = config.lr_decay
+            self.scheduler.base_lrs = [config.lr] * len(self.optimizer.param_groups)
+            decays = self.scheduler.last_epoch // self.scheduler.step_size
+            for group in self.optimizer.param_groups:
+                group["lr"] = config.lr * config.lr_decay ** decays
+        self._pending.append(("settings-changed", {"changes": changed}))
+        if self.progress:
+            print("resuming with changed settings (now applied): " + ", ".join(
+                f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items()),
+                file=sys.stderr)
+
+    def _claim_folder(self) -> None:
+        """Rank 0 locks the output folder for this run (:mod:`metalab.runfolder`), cleans
+        what a crash left, and truncates the log to the resumed step; a refusal is raised on
+        every rank."""
+        error: Exception | None = None
+        restarted = distributed.restarted()  # a collective: every rank asks
+        if self.rank == 0 and self.folder is not None:
+            mode = ("continue" if self._claimed else "resume" if self._resumed else
+                    "restart" if restarted else "overwrite" if self.overwrite else "new")
+            try:
+                for message in self.folder.claim(mode):
+                    if self.progress:
+                        print(f"metalab: {message}", file=sys.stderr)
+                if not self._claimed:
+                    if not self._resumed:
+                        self._pending.insert(0, ("start", {"steps": self.steps}))
+                    for event, details in self._pending:
+                        self.folder.record(event, **details)
+                    self._pending.clear()
+                    self._truncate_log(self.state.step)
+            except (RunFolderError, ValueError) as failure:
+                error = failure
+        error = distributed.broadcast_object(error)
+        if error is not None:
+            raise error
+        self._claimed = True
 
     def _truncate_log(self, step: int) -> None:
-        """Drop log lines written after the checkpoint we resume from (they will be redone)."""
-        log = self.out / "log.jsonl" if self.out is not None else None
-        if log is not None and log.exists():
-            kept = [line for line in log.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= step]
-            atomic_write_text("".join(line + "\n" for line in kept), log)
+        """Drop log lines written after the step we continue from (they will be redone), and
+        a damaged last line (an interrupted write), saying so."""
+        log = self.out / "log.jsonl"
+        if not log.exists():
+            return
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise ValueError(f"{log}, line {number}, is not JSON ({line[:60]!r}); "
+                                     "repair or remove that line, then resume.") from None
+                message = f"dropped the damaged last line of {log} (an interrupted write)"
+                self.folder.record("notice", message=message)
+                if self.progress:
+                    print(f"metalab: {message}", file=sys.stderr)
+                continue
+            if record["step"] <= step:
+                kept.append(line)
+        atomic_write_text("".join(line + "\n" for line in kept), log)
 
     def _save(self, *names: str) -> None:
         """Rank 0 writes the checkpoint under ``names``; the other ranks wait for it."""
@@ -246,8 +350,6 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def _learning_rate(self) -> float:
-        if self.scheduler is not None:
-            return self.scheduler.get_last_lr()[0]
         return self.optimizer.param_groups[0]["lr"]
 
     def fit(self, steps: int | None = None) -> TrainState:
@@ -256,8 +358,24 @@ class Trainer:
         with a validation and a checkpoint, and the next call continues from there exactly as
         one longer call would. Raises TrainingDiverged."""
         target = self.steps if steps is None else self.state.step + steps
+        self._claim_folder()
+        try:
+            return self._fit(target)
+        except TrainingDiverged as error:
+            self._record("stopped", step=self.state.step, reason=str(error))
+            raise
+        finally:
+            if self.rank == 0 and self.folder is not None:
+                done = self.state.step >= self.steps
+                self._record("finished" if done else "paused", step=self.state.step)
+                self.folder.release()
+
+    def _record(self, event: str, **details: Any) -> None:
+        if self.rank == 0 and self.folder is not None:
+            self.folder.record(event, **details)
+
+    def _fit(self, target: int) -> TrainState:
         if self.rank == 0 and self.out is not None:
-            self.out.mkdir(parents=True, exist_ok=True)
             if self.config is not None:
                 atomic_write_text(json.dumps(self.config.to_dict(), indent=2) + "\n",
                                   self.out / "config.json")
@@ -280,6 +398,10 @@ class Trainer:
             if self.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.algo.parameters(), self.grad_clip)
             self.optimizer.step()
+            if not all(torch.isfinite(t).all() for t in self.algo.state_dict().values()
+                       if t.is_floating_point()):
+                bar.close()
+                raise TrainingDiverged(self._diverged_message(step, "weights"))
             if self.scheduler is not None:
                 self.scheduler.step()
             self.state.step += 1
@@ -337,6 +459,12 @@ class Trainer:
             self._save("last.pt", "best.pt")
             return
         result = self.validate()
+        if not math.isfinite(result.mean):
+            message = (f"validation {result.metric} is {result.mean} at step "
+                       f"{self.state.step}: best.pt is not updated")
+            self._record("notice", message=message)
+            if self.progress:
+                print(f"metalab: {message}", file=sys.stderr)
         better = self.kind.better(result.mean, self.state.best)
         if better:
             self.state.best = result.mean
@@ -344,11 +472,13 @@ class Trainer:
                    "val_ci95": result.ci95, "train_seconds": round(self.state.train_seconds, 3)})
         self._save("last.pt", *(["best.pt"] if better else []))
 
-    def _diverged_message(self, step: int, value: float) -> str:
+    def _diverged_message(self, step: int, value: float | str) -> str:
         last = self.out / "last.pt" if self.out is not None else None
         kept = (f"the last good checkpoint {last} (step {read_checkpoint(last)['step']}) is kept"
                 if last is not None and last.exists() else "no checkpoint had been written yet")
-        return (f"training stopped: the loss became {value} at step {step + 1}; {kept}. "
+        what = "the weights became non-finite" if isinstance(value, str) else (
+            f"the loss became {value}")
+        return (f"training stopped: {what} at step {step + 1}; {kept}. "
                 "Lower lr or set grad_clip (e.g. --set grad_clip=1.0), then rerun; "
                 "with a checkpoint, add --resume to continue from it.")
 

@@ -32,6 +32,7 @@ __all__ = [
     "Predictor",
     "TaskSpec",
     "build_algorithm",
+    "check_n_way",
     "register",
     "task_spec",
 ]
@@ -81,6 +82,15 @@ class TaskSpec:
         return cls(**{**values, "input_dtype": dtype})
 
 
+def check_n_way(n_way: int, trained_n_way: int, name: str) -> None:
+    """A learner with one output per class of its training tasks cannot classify a task with
+    another number of classes: an error that says so."""
+    if n_way != trained_n_way:
+        raise ValueError(f"this {name} model was trained for {trained_n_way}-way tasks and "
+                         f"cannot classify {n_way}-way tasks; evaluate it on "
+                         f"{trained_n_way}-way tasks or train one for {n_way}-way tasks.")
+
+
 def task_spec(source: TaskSource) -> TaskSpec:
     """What an algorithm must know to learn ``source``'s tasks, read from one task it draws
     (a fixed generator: the global random state is not touched)."""
@@ -113,6 +123,8 @@ class MetaLearner(nn.Module, ABC):
     # True if meta_loss honours a padded batch's support_mask / query_mask (tasks of
     # different sizes in one call); otherwise such tasks come in groups of equal sizes.
     pads_tasks: ClassVar[bool] = False
+    # True if its outputs are sized for the training tasks' number of classes (a fixed head)
+    fixed_ways: ClassVar[bool] = False
     check_backbone_options: ClassVar[dict[str, Any]] = {}
     check_exemptions: ClassVar[dict[str, str]] = {}
 
@@ -137,6 +149,12 @@ class MetaLearner(nn.Module, ABC):
     @abstractmethod
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Predictor:
         """A predictor for the task described by one support set (no task dimension)."""
+
+    def check_ways(self, n_way: int) -> None:
+        """Raise a clear error if this model cannot classify ``n_way``-way tasks (a head
+        sized for its training tasks); call before evaluating or adapting."""
+        if self.fixed_ways and self.kind.classes:
+            check_n_way(n_way, self.spec.n_way, self.name)
 
     def adaptation_steps(self) -> int:
         """Gradient steps taken by :meth:`adapt` (0 for metric and model-based methods)."""

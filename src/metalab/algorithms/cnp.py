@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Categorical, Distribution, Normal
 
-from metalab.algorithms.base import MetaLearner, TaskSpec, register
-from metalab.algorithms.model_based import SLOW_TO_LEARN, check_n_way
+from metalab.algorithms.base import MetaLearner, TaskSpec, check_n_way, register
+from metalab.algorithms.model_based import SLOW_TO_LEARN
 from metalab.algorithms.pertask import map_tasks
 from metalab.kinds import TaskKind
 from metalab.models import feature_shape
@@ -65,6 +65,7 @@ class CNP(MetaLearner):
     name = "cnp"
     family = "model"
     pads_tasks = True
+    fixed_ways = True
     check_options: ClassVar[dict[str, dict[str, Any]]] = {
         "*": {"encoder_sizes": (32, 32), "decoder_sizes": (32,)}}
     check_exemptions: ClassVar[dict[str, str]] = {"check_learns:classification": SLOW_TO_LEARN}

@@ -67,6 +67,7 @@ class MAML(MetaLearner):
     name = "maml"
     family = "optimization"
     runtime_options = ("test_inner_steps", "task_workers", "vectorize")  # free after training
+    fixed_ways = True
     check_options: ClassVar[dict[str, dict[str, Any]]] = {
         "classification": {"test_inner_steps": 3},
         "regression": {"inner_lr": 0.01, "test_inner_steps": 10}}
@@ -206,6 +207,8 @@ class MAML(MetaLearner):
         return not (self.training and any(b.numel() for b in self.buffers()))
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> AdaptedPredictor:
+        if self.kind.classes:
+            self.check_ways(int(support_y.max()) + 1)
         with torch.no_grad():
             start = {name: p.detach() for name, p in self.fast_params().items()}
             params = self.inner_loop(start, self.features(support_x), support_y,

@@ -17,21 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalab.algorithms.base import MetaLearner
+from metalab.algorithms.base import MetaLearner, check_n_way
 from metalab.algorithms.pertask import Statistics, embed_tasks
 from metalab.tasks import TaskBatch
 
 __all__ = ["EmbeddingLearner", "SequenceLearner", "SequencePredictor", "check_n_way",
            "with_labels"]
-
-
-def check_n_way(n_way: int, trained_n_way: int, name: str) -> None:
-    """Model-based learners have one output (and label input) per class of their training
-    tasks: a task with another number of classes is an error that says so."""
-    if n_way != trained_n_way:
-        raise ValueError(f"this {name} model was trained for {trained_n_way}-way tasks and "
-                         f"cannot classify {n_way}-way tasks; evaluate it on "
-                         f"{trained_n_way}-way tasks or train one for {n_way}-way tasks.")
 
 
 def with_labels(features: Tensor, labels: Tensor | None, n_way: int) -> Tensor:
@@ -55,6 +46,7 @@ class EmbeddingLearner(MetaLearner):
     (``batch_norm``, see :func:`metalab.algorithms.pertask.embed_tasks`)."""
 
     check_exemptions: ClassVar[dict[str, str]] = {"check_learns": SLOW_TO_LEARN}
+    fixed_ways = True  # one output (and label input) per class of the training tasks
 
     backbone: nn.Module
     batch_norm: str = "running"

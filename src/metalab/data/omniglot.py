@@ -30,7 +30,9 @@ changes; delete it to force a rebuild after editing PNGs inside an extracted fol
   character's 20 drawings rotated counterclockwise (as displayed, row 0 at the top) by
   ``DDD`` degrees, ``torch.rot90(x, DDD // 90, dims=(-2, -1))``. Train, val and test hold
   1028, 172 and 423 characters, so 4112, 688 and 1692 classes; trainval is train + val (4800).
-  ``split`` may also be the path of a text file in the same format.
+  ``split`` may also be the path of a text file in the same format. Split files are checked
+  before any decoding: a malformed line, a class listed twice, or a character shared
+  between train, val and test (trainval only with test) is refused with the file and line.
 * ``splits="lake"``: the authors' split, ``"background"`` (964 classes, also ``"train"``) or
   ``"evaluation"`` (659 classes, also ``"test"``), without rotations.
 """
@@ -55,6 +57,8 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from metalab.data.folders import read_split_file, refuse_overlap, refuse_repeats
+from metalab.data.images import open_image
 from metalab.data.paths import DataNotFoundError, data_dirs
 from metalab.io import atomic_save, cache_dir
 from metalab.tasks import ClassDataset
@@ -81,7 +85,8 @@ _LAKE_SPLITS = {
     "background": "images_background", "train": "images_background",
     "evaluation": "images_evaluation", "test": "images_evaluation",
 }
-_CACHE_FORMAT = 1  # bump when the processing changes, so old caches are rebuilt
+_CACHE_FORMAT = 2  # bump when the processing changes, so old caches are rebuilt
+_REDOWNLOAD = "Or delete the Omniglot data and download it again (download=True)."
 _FILE_RE = re.compile(r"\d+_(\d+)\.png")
 _LINE_RE = re.compile(r"([^/\s]+/character\d+)(?:/rot(\d+))?")
 
@@ -113,17 +118,17 @@ def load(
         )
     dirs = data_dirs(data_dir)
     root, sources = _locate(dirs, download)
-    # Find the split file before decoding, so that a missing one fails fast.
+    # Find and check the split file before decoding, so that a bad one fails fast.
     if split_file is None and splits == "vinyals":
         split_file = _find_split_file(split, root, dirs, download)
-        lines = split_file.read_text().split()
+        lines = _split_lines(split_file)
         if len(lines) != _VINYALS_SIZES[split]:
             raise DataNotFoundError(
                 f"{split_file} has {len(lines)} classes; the Vinyals {split} split has "
                 f"{_VINYALS_SIZES[split]}, so the file is incomplete. To fix: {_splits_hint()}"
             )
     elif split_file is not None:
-        lines = split_file.read_text().split()
+        lines = _split_lines(split_file)
     base = _load_base(sources, image_size, dirs)
     names, images = base["names"], base["images"]
     if split_file is None:  # a Lake split
@@ -367,10 +372,13 @@ def _check_structure(
             )
 
 
-def _decode(data: bytes, size: int) -> bytes:
-    """One PNG as ``size * size`` bytes: grayscale, inverted, Lanczos-resized."""
-    with Image.open(io.BytesIO(data)) as image:
-        image = ImageOps.invert(image.convert("L"))
+def _decode(data: bytes, size: int, name: str) -> bytes:
+    """One PNG as ``size * size`` bytes: grayscale, inverted, Lanczos-resized.
+
+    Decoded by :func:`~metalab.data.images.open_image`, so a re-saved copy in any mode or
+    bit depth is converted faithfully or refused with a ValueError naming ``name``.
+    """
+    image = ImageOps.invert(open_image(io.BytesIO(data), channels=1, name=name))
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.LANCZOS)
     return image.tobytes()
@@ -400,37 +408,70 @@ def _build(sources: dict[str, Path], size: int, dirs: list[Path]) -> dict[str, A
                 for drawer in range(1, _DRAWERS + 1):
                     member = drawers[drawer]
                     try:
-                        buffer += _decode(read(member), size)
-                    except (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile,
-                            zlib.error) as error:
+                        data = read(member)
+                    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
                         raise ValueError(
                             f"cannot decode {source}: {member} ({error}); the file is "
-                            "corrupt. Replace it with a good copy, or delete the data and "
-                            "download it again (download=True)."
+                            f"corrupt. Replace it with a good copy. {_REDOWNLOAD}"
                         ) from error
+                    try:
+                        buffer += _decode(data, size, f"{source}: {member}")
+                    except ValueError as error:  # names the drawing and what was wrong
+                        raise ValueError(f"{error} {_REDOWNLOAD}") from error
                 bar.update(_DRAWERS)
     images = torch.frombuffer(buffer, dtype=torch.uint8).view(len(names), _DRAWERS, 1, size, size)
     background = torch.tensor([entry[1] for entry in entries], dtype=torch.bool)
     return {"names": names, "images": images, "background": background}
 
 
+def _split_lines(path: Path) -> list[tuple[int, str, int]]:
+    """The ``(line number, character, degrees)`` of each class in a Vinyals split file.
+
+    Refused with a ValueError naming the file (and line): no classes, a line that is not
+    ``Alphabet/characterNN[/rotDDD]``, a class listed twice (``Alpha/character01`` is
+    ``Alpha/character01/rot000``), and a character shared with a split this one must be
+    disjoint from (rotations of one character are its same drawings, so they count).
+    """
+    entries = read_split_file(path)
+    if not entries:
+        raise ValueError(f"split file {path} lists no classes; add one "
+                         "Alphabet/characterNN/rotDDD per line.")
+    lines = []
+    for number, line in entries:
+        match = _LINE_RE.fullmatch(line)
+        degrees = int(match[2] or 0) if match else -1
+        if match is None or degrees not in (0, 90, 180, 270):
+            raise ValueError(
+                f"{path}, line {number}: {line!r} is not Alphabet/characterNN/rotDDD with DDD "
+                "one of 000, 090, 180, 270."
+            )
+        lines.append((number, match[1], degrees))
+    refuse_repeats(path, entries, key=_class_of)
+    refuse_overlap(path, entries, key=lambda line: _class_of(line)[0])
+    return lines
+
+
+def _class_of(line: str) -> tuple[str, int]:
+    """(character, degrees) of a split-file line; a line that does not parse is its own."""
+    match = _LINE_RE.fullmatch(line)
+    return (match[1], int(match[2] or 0)) if match else (line, 0)
+
+
 def _rotated(
-    names: list[str], images: torch.Tensor, lines: list[str], where: Path
+    names: list[str], images: torch.Tensor, lines: list[tuple[int, str, int]], where: Path
 ) -> tuple[torch.Tensor, list[str]]:
     """The classes of a Vinyals split: each line's character rotated by its angle."""
     position = {name: i for i, name in enumerate(names)}
     index, turns, class_names = [], [], []
-    for line in lines:
-        match = _LINE_RE.fullmatch(line)
-        degrees = int(match[2] or 0) if match else -1
-        if match is None or match[1] not in position or degrees not in (0, 90, 180, 270):
+    for number, character, degrees in lines:
+        if character not in position:
             raise ValueError(
-                f"{where}: line {line!r} is not Alphabet/characterNN/rotDDD with a character "
-                "of Omniglot and DDD one of 000, 090, 180, 270."
+                f"{where}, line {number}: {character} is not a character of Omniglot; fix "
+                "the line or delete it."
             )
-        index.append(position[match[1]])
+        index.append(position[character])
         turns.append(degrees // 90)
-        class_names.append(f"{match[1]}/rot{degrees:03d}")
+        class_names.append(f"{character}/rot{degrees:03d}")
     # NumPy: its strided gather and copy are several times faster than torch's for uint8 here.
     source, index_a, turns_a = images.numpy(), np.array(index, np.int64), np.array(turns)
     data = np.empty((len(lines), *source.shape[1:]), dtype=np.uint8)
