@@ -56,7 +56,8 @@ class Config(BaseModel):
     changed, validated copy.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True,
+                              allow_inf_nan=False)
 
     algorithm: str = "protonet"
     algorithm_options: dict[str, Any] = Field(default_factory=dict)

@@ -84,12 +84,15 @@ class RunFolder:
             self.release()
             self.path.rename(aside)
             self.path.mkdir()
-            messages = [*self._lock(), f"moved the run that was in {self.path} to {aside}"]
+            messages = self._lock()
             self.record("overwrite", moved_to=str(aside))
+            moved = [f"moved the run that was in {self.path} to {aside}"]
+        else:
+            moved = []
         messages += self._clean()
         for message in messages:
             self.record("notice", message=message)
-        return messages
+        return moved + messages
 
     def release(self) -> None:
         """Clear the lock record (a clean exit) and unlock."""
