@@ -254,6 +254,21 @@ def test_an_impossible_meta_batch_is_refused_with_a_hint(easy_data, tmp_path):
         Trainer.from_config(easy_config(tmp_path, tasks_per_batch=10_000_000), progress=False)
 
 
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB")])
+def test_running_out_of_memory_in_a_step_is_a_clear_error(error, easy_data, tmp_path):
+    trainer = Trainer.from_config(easy_config(tmp_path, steps=5), progress=False)
+
+    def too_big(batch):
+        raise error
+
+    trainer.algo.meta_loss = too_big
+    with pytest.raises(ValueError, match=r"step 1 ran out of memory on cpu with 2 tasks per "
+                                         r"step; .*--set task_chunk=4"):
+        trainer.fit()
+
+
 # -- kill -9 at random moments, and two runs at once --------------------------------------------
 
 JOB = dict(algorithm="protonet", backbone="conv4", backbone_options={"hidden": 8},

@@ -391,7 +391,19 @@ class Trainer:
             torch.manual_seed(self.seed * 1_000_003 + step)  # any randomness inside the model
             batch = sample_tasks(self.train_tasks, self.seed, step, self.share)
             self.optimizer.zero_grad(set_to_none=True)
-            loss, metrics = self._meta_backward(batch.to(self.device))
+            try:
+                loss, metrics = self._meta_backward(batch.to(self.device))
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                if not isinstance(error, torch.OutOfMemoryError) and (
+                        "allocate" not in str(error)):
+                    raise
+                bar.close()
+                raise ValueError(
+                    f"training step {step + 1} ran out of memory on {self.device} with "
+                    f"{len(self.share)} tasks per step; back-propagate fewer tasks at a time "
+                    f"(--set task_chunk=4: the same gradient) or lower tasks_per_batch. "
+                    f"The last checkpoint is kept; add --resume to continue from it.") \
+                    from error
             if not math.isfinite(loss):
                 bar.close()
                 raise TrainingDiverged(self._diverged_message(step, loss))
