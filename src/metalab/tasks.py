@@ -24,9 +24,9 @@ one in one of two ways, each equal to the tasks computed one at a time:
 * grouped (:meth:`RaggedTaskBatch.groups`): dense batches of the tasks that have equal sizes,
   one after the other, for every other case.
 
-Padding was measured 2.8x (CNP) and 5.4x (ProtoNet) faster than one group per task on 32
-tasks of 3 to 90 examples (``benchmarks/ragged_tasks.py``); dense N-way K-shot episodes never
-pad and keep the fast path.
+Padding was measured 2.0x (CNP) and 2.3x (ProtoNet) faster than one group per task on 32
+tasks of 3 to 90 examples (``benchmarks/ragged_tasks.py``, 2-core CPU); dense N-way K-shot
+episodes never pad and keep the fast path.
 """
 
 from __future__ import annotations
