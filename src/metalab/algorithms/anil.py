@@ -12,7 +12,7 @@ products. Everything else is :class:`metalab.algorithms.maml.MAML`.
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call
 
 from metalab.algorithms.base import register
@@ -24,6 +24,9 @@ class ANIL(MAML):
     """MAML whose inner loop adapts only the head."""
 
     name = "anil"
+
+    def inner_network(self) -> nn.Module:
+        return self.head
 
     def fast_params(self) -> Params:
         return {name: p for name, p in self.named_parameters() if name.startswith("head.")}
