@@ -1,7 +1,8 @@
 """A run folder belongs to one run.
 
 While a process trains into a folder it holds an exclusive lock on ``<folder>/.lock``
-(``fcntl.flock``: the kernel releases it when the process dies, even by ``kill -9``), so a
+(``fcntl.flock``: the kernel releases it when the process dies, even by ``kill -9``; not on
+Windows, where folders are not locked), so a
 second run started into the same folder is refused with the first one's process id. A lock
 file left by a process that died is detected (its record was not cleared) and reported. A
 folder that holds a run is never silently reused: a new run needs ``resume`` (continue it) or
@@ -12,13 +13,17 @@ that happens to the run is appended to ``<folder>/history.jsonl``.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
 import time
 from pathlib import Path
 from typing import Any, Literal
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): folders are not locked, the rest still holds
+    fcntl = None
 
 __all__ = ["HISTORY", "RUN_FILES", "RunFolder", "RunFolderError"]
 
@@ -30,6 +35,12 @@ Mode = Literal["new", "resume", "overwrite", "restart", "continue"]
 
 class RunFolderError(ValueError):
     """The folder is in use by another process, or holds a run the command would clobber."""
+
+
+def _read(fd: int) -> str:
+    """The lock file's record (who holds or held it)."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 4096).decode(errors="replace").strip()
 
 
 def _now() -> str:
@@ -99,23 +110,26 @@ class RunFolder:
         if self._lock_fd is None:
             return
         os.ftruncate(self._lock_fd, 0)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        if fcntl is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         os.close(self._lock_fd)
         self._lock_fd = None
 
     def _lock(self) -> list[str]:
         fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            holder = _read(fd) or "unknown"
             os.close(fd)
             raise RunFolderError(f"{self.path} is in use by another run ({holder}); wait for "
                                  f"it to finish, or choose another output folder (--out).") \
                 from None
-        left = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        left = _read(fd)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}".encode(), 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}".encode())
         self._lock_fd = fd
         if left:  # the previous holder never cleared its record: it was killed or crashed
             return [f"the previous run in this folder ({left}) ended without releasing its "
