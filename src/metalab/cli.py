@@ -203,12 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key (repeatable), e.g. --set steps=500 "
                        "--set algorithm_options.metric=cosine")
     train.add_argument("--out", help="output folder (default: the config's 'out')")
-    train.add_argument("--resume", action="store_true",
-                       help="continue from <out>/last.pt exactly where it stopped (under "
-                       "torchrun --max-restarts, restarted workers resume by themselves)")
-    train.add_argument("--overwrite", action="store_true",
-                       help="start afresh in an output folder that holds another run, moving "
-                       "that run aside to <out>.replaced-<time> (nothing is deleted)")
+    existing = train.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true",
+                          help="continue from <out>/last.pt exactly where it stopped; with "
+                          "--set, a changed lr, weight_decay or schedule is applied and "
+                          "recorded in <out>/history.jsonl (under torchrun --max-restarts, "
+                          "restarted workers resume by themselves)")
+    existing.add_argument("--overwrite", action="store_true",
+                          help="start afresh in an output folder that holds another run, "
+                          "moving that run aside to <out>.replaced-<time> (nothing is "
+                          "deleted)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=_train)
 

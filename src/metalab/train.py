@@ -293,6 +293,7 @@ class Trainer:
                     self._pending.clear()
                     self._truncate_log(self.state.step)
             except (RunFolderError, ValueError) as failure:
+                self.folder.release()  # a no-op when the lock was never taken
                 error = failure
         error = distributed.broadcast_object(error)
         if error is not None:
