@@ -209,6 +209,10 @@ def write_splits(root: Path) -> dict[str, list[str]]:
 
 @pytest.fixture
 def small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    return use_small(tmp_path, monkeypatch)
+
+
+def use_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Expect the synthetic counts, use a private cache, hide any real data; returns a folder."""
     monkeypatch.setattr(omniglot, "_EXPECTED", {
         name: (len(alphabets), sum(alphabets.values())) for name, alphabets in SMALL.items()})

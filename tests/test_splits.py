@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from metalab.data import DataNotFoundError, folders, omniglot
-from tests.test_omniglot import SIZE, SMALL, write_small, write_splits
+from tests.test_omniglot import SIZE, use_small, write_small, write_splits
 
 CLASSES = ("cat", "dog", "eel", "fox")
 
@@ -163,12 +163,7 @@ def test_an_explicit_split_file_is_checked_against_its_siblings(root: Path,
 @pytest.fixture
 def small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A folder for tests/test_omniglot.py's synthetic Omniglot, its counts expected."""
-    monkeypatch.setattr(omniglot, "_EXPECTED", {
-        name: (len(alphabets), sum(alphabets.values())) for name, alphabets in SMALL.items()})
-    monkeypatch.setattr(omniglot, "_VINYALS_SIZES",
-                        {"train": 4, "val": 2, "test": 1, "trainval": 6})
-    monkeypatch.delenv("METALAB_DATA", raising=False)
-    return tmp_path / "data"
+    return use_small(tmp_path, monkeypatch)
 
 
 @pytest.fixture
