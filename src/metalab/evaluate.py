@@ -23,7 +23,7 @@ from metalab.tasks import RaggedTaskBatch, TaskBatch
 if TYPE_CHECKING:
     from metalab.algorithms.base import MetaLearner
 
-__all__ = ["EvalResult", "check_finite", "evaluate", "mean_ci95"]
+__all__ = ["EvalResult", "check_finite", "evaluate", "mean_ci95", "nonfinite_tensors"]
 
 
 @dataclass
@@ -63,11 +63,17 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
     return mean, 1.96 * statistics.stdev(values) / math.sqrt(len(values))
 
 
+def nonfinite_tensors(module: torch.nn.Module) -> list[str]:
+    """Names of ``module``'s floating-point parameters and buffers holding a NaN or an
+    infinity."""
+    named = [*module.named_parameters(), *module.named_buffers()]
+    return [key for key, t in named if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
 def check_finite(module: torch.nn.Module, name: str = "the model") -> None:
     """Raise a clear error if any weight or buffer of ``module`` is NaN or infinite: such a
     model would score as if it guessed, hiding that it is broken."""
-    broken = [key for key, t in module.state_dict().items()
-              if t.is_floating_point() and not torch.isfinite(t).all()]
+    broken = nonfinite_tensors(module)
     if broken:
         raise ValueError(f"{name} has non-finite weights ({', '.join(broken[:5])}"
                          f"{', ...' if len(broken) > 5 else ''}); it diverged in training. "

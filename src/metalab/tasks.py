@@ -209,11 +209,10 @@ class RaggedTaskBatch:
 def stack_tasks(batches: list[TaskBatch | RaggedTaskBatch]) -> TaskBatch | RaggedTaskBatch:
     """Concatenate batches along the task dimension: a dense :class:`TaskBatch` when every
     task has the same sizes, else a :class:`RaggedTaskBatch`."""
-    singles = [b[i] for b in batches for i in range(len(b))] if any(
-        isinstance(b, RaggedTaskBatch) for b in batches) else batches
-    if len({b.sizes() for b in singles}) == 1:
-        return TaskBatch.stack(singles)
-    return RaggedTaskBatch(tuple(b[i] for b in singles for i in range(len(b))))
+    tasks = [b[i] for b in batches for i in range(len(b))]
+    if len({t.sizes() for t in tasks}) == 1:
+        return TaskBatch.stack(tasks)
+    return RaggedTaskBatch(tuple(tasks))
 
 
 class TaskSource(Protocol):

@@ -41,7 +41,7 @@ from metalab.algorithms import MetaLearner
 from metalab.algorithms.pertask import each_task, normalises_over_batch
 from metalab.checkpoint import check_compatible, read_checkpoint, save_checkpoint
 from metalab.config import Config
-from metalab.evaluate import EvalResult
+from metalab.evaluate import EvalResult, nonfinite_tensors
 from metalab.io import atomic_write_text
 from metalab.memory import available_bytes
 from metalab.runfolder import RunFolder, RunFolderError
@@ -411,8 +411,7 @@ class Trainer:
             if self.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.algo.parameters(), self.grad_clip)
             self.optimizer.step()
-            if not all(torch.isfinite(t).all() for t in self.algo.state_dict().values()
-                       if t.is_floating_point()):
+            if nonfinite_tensors(self.algo):
                 bar.close()
                 raise TrainingDiverged(self._diverged_message(step, "weights"))
             if self.scheduler is not None:
