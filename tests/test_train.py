@@ -165,3 +165,21 @@ def test_a_budgeted_run_validates_at_each_fifth_of_its_budget(easy_data, tmp_pat
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").open()]
     assert state.step == 10
     assert [r["step"] for r in records if "val_accuracy" in r] == [2, 4, 6, 8, 10]
+
+
+def test_a_checkpoint_of_a_trainer_built_from_objects_loads_by_weights(tmp_path) -> None:
+    from metalab.algorithms import build_algorithm, task_spec
+    from metalab.checkpoint import load_weights
+    from metalab.data.sinusoid import SinusoidTasks
+    from metalab.models import MLP
+
+    tasks = SinusoidTasks(5, 5)
+    algo = build_algorithm("maml", MLP(1, hidden=(8,)), task_spec(tasks), inner_lr=0.01)
+    Trainer(algo, tasks, steps=3, out=tmp_path, progress=False).fit()
+    with pytest.raises(ValueError, match="built from objects and records no config.*"
+                                         "load_weights"):
+        load_checkpoint(tmp_path / "best.pt")
+    fresh = build_algorithm("maml", MLP(1, hidden=(8,)), task_spec(tasks), inner_lr=0.01)
+    assert load_weights(fresh, tmp_path / "best.pt")["step"] == 3
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(),
+                                                  algo.state_dict().values(), strict=True))

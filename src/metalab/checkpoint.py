@@ -22,7 +22,7 @@ from metalab.config import Config
 from metalab.io import atomic_save
 
 __all__ = ["CHECKPOINT_FORMAT", "check_compatible", "load_weights", "read_checkpoint",
-           "save_checkpoint"]
+           "recorded_config", "save_checkpoint"]
 
 CHECKPOINT_FORMAT = 1
 
@@ -57,12 +57,21 @@ def load_weights(module: nn.Module, path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def recorded_config(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The config the checkpoint's run recorded; a clear error for a checkpoint of a Trainer
+    built from objects, which records none."""
+    if ckpt.get("config") is None:
+        raise ValueError(f"{path} was written by a Trainer built from objects and records no "
+                         f"config to rebuild its algorithm from; build the algorithm as you "
+                         f"did for training and load the weights with "
+                         f"metalab.checkpoint.load_weights(algorithm, path).")
+    return ckpt["config"]
+
+
 def check_compatible(ckpt: dict[str, Any], config: Config, path: str | Path) -> None:
     """A checkpoint can only continue a run of the same algorithm and backbone, with the
     same options (apart from the algorithm's ``runtime_options``)."""
-    if ckpt.get("config") is None:
-        raise ValueError(f"{path} was written by a Trainer built from objects and records no "
-                         f"config; load its weights with metalab.checkpoint.load_weights.")
+    recorded_config(ckpt, path)
     for key in ("algorithm", "backbone"):
         if ckpt[key] != getattr(config, key):
             raise ValueError(

@@ -16,7 +16,7 @@ from torch import nn
 
 from metalab import data
 from metalab.algorithms import ALGORITHMS, MetaLearner, TaskSpec, build_algorithm, task_spec
-from metalab.checkpoint import check_compatible, read_checkpoint
+from metalab.checkpoint import check_compatible, read_checkpoint, recorded_config
 from metalab.config import Config
 from metalab.distributed import resolve_device
 from metalab.evaluate import EvalResult, check_finite, evaluate
@@ -69,11 +69,7 @@ def load_checkpoint(
     algorithm's ``runtime_options`` (e.g. MAML's ``test_inner_steps``).
     """
     ckpt = read_checkpoint(path)
-    if ckpt.get("config") is None:
-        raise ValueError(f"{path} was written by a Trainer built from objects and records no "
-                         f"config to rebuild its algorithm from; build the algorithm as you "
-                         f"did for training and load the weights with "
-                         f"metalab.checkpoint.load_weights(algorithm, path).")
+    trained = recorded_config(ckpt, path)
     overrides = dict(overrides or {})
     options = overrides.pop("algorithm_options", {})
     runtime = getattr(ALGORITHMS.get(ckpt["algorithm"]), "runtime_options", ())
@@ -81,8 +77,8 @@ def load_checkpoint(
     if fixed:
         raise ValueError(f"{', '.join(fixed)} cannot change after training {ckpt['algorithm']}; "
                          f"options that can: {', '.join(runtime) or '(none)'}.")
-    values = {**ckpt["config"], **overrides}
-    values["algorithm_options"] = {**ckpt["config"]["algorithm_options"], **options}
+    values = {**trained, **overrides}
+    values["algorithm_options"] = {**trained["algorithm_options"], **options}
     config = Config.from_dict(values, source=str(path))
     check_compatible(ckpt, config, path)
     algo = build(config, TaskSpec.from_dict(ckpt["spec"]))
