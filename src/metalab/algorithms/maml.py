@@ -63,7 +63,7 @@ class MAML(MetaLearner):
     (default ``torch.get_num_threads()``, see :mod:`metalab.algorithms.parallel`), or one
     after the other. ``vectorize=True`` is refused where ``vmap`` is inexact: a second-order
     inner loop through BatchNorm (torch's fused ``F.batch_norm`` under ``vmap`` gives wrong
-    second derivatives: 1.5e-2 to 3e-2 relative in float64, Conv-4, 1 and 3 inner steps).
+    second derivatives: over 1e-2 relative in float64, Conv-4, 1 and 3 inner steps).
     """
 
     name = "maml"
