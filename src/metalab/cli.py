@@ -101,11 +101,17 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _adapt(args: argparse.Namespace) -> None:
-    from metalab.data import image_format
+    from metalab.data import DATASETS, image_format
     from metalab.data.images import read_image
     from metalab.runs import load_checkpoint
 
     algo, config = load_checkpoint(args.checkpoint)
+    if getattr(DATASETS.get(config.dataset), "TEXT", False):
+        _adapt_sentences(args, algo, config)
+        return
+    if args.threshold is not None:
+        raise ValueError("--threshold applies to sentence classifiers (checkpoints trained on "
+                         "text); an image classifier labels every image.")
     if not algo.kind.classes or len(algo.spec.input_shape) != 3:
         raise ValueError(f"metalab adapt labels images with an image classifier; "
                          f"{args.checkpoint} was trained on {algo.kind.name} tasks with inputs "
@@ -124,6 +130,25 @@ def _adapt(args: argparse.Namespace) -> None:
         labels = predictor(query_x).argmax(-1)
     for path, label in zip(queries, labels.tolist(), strict=True):
         print(f"{path.name}\t{classes[label]}")
+
+
+def _adapt_sentences(args: argparse.Namespace, algo, config: Config) -> None:
+    """``metalab adapt`` for a checkpoint trained on sentence embeddings."""
+    from metalab.text import DEFAULT_ENCODER, SentenceClassifier, read_labelled_sentences
+
+    sentences, intents = read_labelled_sentences(args.support)
+    classifier = SentenceClassifier(algo, config.dataset_options.get("encoder", DEFAULT_ENCODER),
+                                    args.threshold).fit(sentences, intents)
+    if args.query == "-":
+        queries = sys.stdin.read().splitlines()
+    elif Path(args.query).is_file():
+        queries = Path(args.query).read_text(encoding="utf-8").splitlines()
+    else:
+        raise FileNotFoundError(f"no file {args.query}; give a text file with one sentence per "
+                                "line, or - to read them from standard input.")
+    queries = [q for q in queries if q.strip()]
+    for query, (intent, score) in zip(queries, classifier.predict(queries), strict=True):
+        print(f"{query}\t{intent or 'out-of-scope'}\t{score:.3f}")
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -158,11 +183,14 @@ def _datasets(args: argparse.Namespace) -> None:
     from metalab import data
 
     if args.download:
-        if args.download != "omniglot":
-            raise ValueError("only omniglot can be downloaded; the others are embedded, "
-                             "procedural or your own folders.")
-        folder = data.omniglot.download(data.data_dirs(args.data_dir)[-1] / "omniglot")
-        print(f"omniglot downloaded to {folder}")
+        module = data.DATASETS.get(args.download)
+        if not hasattr(module, "download"):
+            downloadable = [n for n, m in data.DATASETS.items() if hasattr(m, "download")]
+            raise ValueError(f"{args.download} cannot be downloaded by metalab; these can: "
+                             f"{', '.join(downloadable)}. The others are embedded, procedural, "
+                             "your own folders, or under terms that forbid redistribution.")
+        folder = module.download(data.data_dirs(args.data_dir)[-1] / args.download)
+        print(f"{args.download} downloaded to {folder}")
     print("searched, in order: " + ", ".join(str(p) for p in data.data_dirs(args.data_dir)))
     for name, module in data.DATASETS.items():
         print(f"  {name:<10} {module.status(args.data_dir)}")
@@ -237,16 +265,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_evaluate)
 
-    adapt = sub.add_parser("adapt", help="adapt to your own few labelled images, label others")
+    adapt = sub.add_parser(
+        "adapt", help="adapt to your own few labelled images or sentences, label others",
+        description="Adapt a trained checkpoint to a handful of labelled examples per class "
+        "and label new ones, without training. Images: --support is a folder with one "
+        "sub-folder of images per class, --query a folder of images. Sentences (a checkpoint "
+        "trained on banking77 or clinc150): --support is a CSV with the header text,intent or "
+        "a JSONL file of {\"text\": ..., \"intent\": ...}, --query a text file with one "
+        "sentence per line or - for standard input; each line prints the sentence, the "
+        "intent and its score, or out-of-scope when the score is below --threshold.",
+        epilog="Example: metalab adapt runs/banking77/default-5w1s/best.pt --support "
+        "intents.csv --query - --threshold 0.5")
     adapt.add_argument("checkpoint")
     adapt.add_argument("--support", required=True,
-                       help="folder with one sub-folder of images per class")
-    adapt.add_argument("--query", required=True, help="folder of images to label")
+                       help="folder of class sub-folders of images, or a CSV/JSONL of "
+                       "sentences and intents")
+    adapt.add_argument("--query", required=True,
+                       help="folder of images, or a file of sentences (- for stdin)")
+    adapt.add_argument("--threshold", type=float, help="sentences: answer out-of-scope when "
+                       "the score (largest softmax probability) is below this (default: never)")
     adapt.set_defaults(func=_adapt)
 
     ds = sub.add_parser("datasets", help="which data sets are available and where")
     ds.add_argument("--data-dir", help="extra folder to search first (or set METALAB_DATA)")
-    ds.add_argument("--download", metavar="NAME", help="download a data set (omniglot)")
+    ds.add_argument("--download", metavar="NAME",
+                    help="download a data set: omniglot, banking77 or clinc150")
     ds.set_defaults(func=_datasets)
 
     cmp = sub.add_parser(
@@ -257,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
         "memory while training and adapting, gradient steps to adapt. Also writes the shots "
         "study, the optional task-diversity study, and plots (PNG + SVG).",
         epilog="suites: quick (embedded glyphs + sinusoid, no download, minutes), "
-        "omniglot-5w1s, omniglot-20w1s (need Omniglot: metalab datasets), sinusoid; or a "
+        "omniglot-5w1s, omniglot-20w1s (need Omniglot: metalab datasets), sinusoid; "
+        "banking77-5w1s, banking77-5w5s, banking77-77w, clinc150-oos (intents on frozen "
+        "sentence embeddings, with baselines; need pip install \"metalab[text]\"); or a "
         "YAML config file. Example: metalab compare --suite omniglot-5w1s --budget 5m "
         "--algorithms protonet,maml,snail")
     cmp.add_argument("--suite", default="quick", help="suite name or YAML config (quick)")

@@ -47,6 +47,10 @@ SUITES: dict[str, tuple[str, ...]] = {
     "omniglot-5w1s": ("omniglot/{}-5w1s",),
     "omniglot-20w1s": ("omniglot/{}-20w1s",),
     "sinusoid": ("sinusoid/{}-k5", "sinusoid/{}-k10"),
+    # one user split / one horizon each; the full protocols with their non-meta baselines
+    # and several seeds are python -m metalab.studies.movielens and metalab.studies.ett
+    "movielens": ("movielens/{}",),
+    "ett": ("ett/{}",),
 }
 ADAPT_MEMORY_EPISODES = 20  # test tasks adapted to while the adaptation peak is measured
 
@@ -93,9 +97,18 @@ def suite_parts(suite: str) -> list[str]:
                              f"({', '.join(SUITES)}) or an existing YAML config.")
         return [suite]
     if suite not in SUITES:
-        raise ValueError(f"unknown suite {suite!r}; available suites: {', '.join(SUITES)}, "
+        raise ValueError(f"unknown suite {suite!r}; available suites: "
+                         f"{', '.join([*SUITES, *_protocols()])}, "
                          "or a YAML config file.")
     return list(SUITES[suite])
+
+
+def _protocols() -> dict[str, Callable[..., list[Row]]]:
+    """Suites that run a protocol of their own rather than fixed episodes of config parts:
+    name -> function(algorithms, steps, budget, out, fresh, progress) returning rows."""
+    from metalab.studies.intents import PROTOCOLS
+
+    return PROTOCOLS
 
 
 def part_config(pattern: str, algorithm: str) -> Config:
@@ -266,6 +279,15 @@ def run_compare(
     task it handles. ``steps`` fixes the training steps of every algorithm; ``budget``
     (seconds) instead trains each one for that long, whatever its config's steps.
     """
+    protocol = _protocols().get(suite)
+    if protocol is not None:  # a suite with a protocol of its own (metalab.studies.intents)
+        rows = protocol(algorithms=algorithms, steps=steps, budget=budget, out=out / suite,
+                        fresh=fresh, progress=progress)
+        comparison = Comparison(rows=rows)
+        print(markdown_table(rows))
+        comparison.files = write_outputs(comparison, out / suite, plots)
+        print("wrote " + ", ".join(str(p) for p in comparison.files))
+        return comparison
     parts = suite_parts(suite)
     kinds = {part: task_kind(part_config(part, "protonet")) for part in parts}
     pairs = _selected(kinds, algorithms)

@@ -20,7 +20,16 @@ from typing import Any
 
 import torch
 
-from metalab.data import folders, glyphs, omniglot, sinusoid
+from metalab.data import (
+    banking77,
+    clinc150,
+    ett,
+    folders,
+    glyphs,
+    movielens100k,
+    omniglot,
+    sinusoid,
+)
 from metalab.data.paths import DataNotFoundError, data_dirs
 from metalab.kinds import CLASSIFICATION, TaskKind
 from metalab.tasks import ClassDataset, EpisodeSampler, TaskSource
@@ -39,7 +48,8 @@ __all__ = [
 
 # name -> module with `status(data_dir=None)` and `load(split, ...)` or `tasks(split, ...)`
 DATASETS: dict[str, Any] = {"omniglot": omniglot, "glyphs": glyphs, "folder": folders,
-                            "sinusoid": sinusoid}
+                            "sinusoid": sinusoid, "movielens100k": movielens100k, "ett": ett,
+                            "banking77": banking77, "clinc150": clinc150}
 
 
 def register_dataset(name: str, module: Any) -> Any:

@@ -40,12 +40,9 @@ changes; delete it to force a rebuild after editing PNGs inside an extracted fol
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import re
-import tempfile
-import urllib.request
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -59,7 +56,7 @@ from tqdm import tqdm
 
 from metalab.data.folders import read_split_file, refuse_overlap, refuse_repeats
 from metalab.data.images import open_image
-from metalab.data.paths import DataNotFoundError, data_dirs
+from metalab.data.paths import DataNotFoundError, data_dirs, fetch_file
 from metalab.io import atomic_save, cache_dir
 from metalab.tasks import ClassDataset
 
@@ -488,54 +485,11 @@ def _rotated(
 def _download_images(dest: Path, base_url: str) -> None:
     for name, md5 in _ZIP_MD5.items():
         if not (dest / name).exists():
-            _fetch(base_url + name, dest / name, md5=md5)
+            fetch_file(base_url + name, dest / name, md5=md5)
 
 
 def _download_splits(dest: Path, base_url: str) -> None:
     for split, lines in _VINYALS_SIZES.items():
         target = dest / "splits" / "vinyals" / f"{split}.txt"
         if not target.exists():
-            _fetch(f"{base_url}{split}.txt", target, lines=lines)
-
-
-def _fetch(url: str, target: Path, md5: str | None = None, lines: int | None = None) -> None:
-    """Download ``url`` to a temporary file, check its MD5 or line count, move it to ``target``.
-
-    The temporary file is deleted on any failure, so ``target`` is either absent or complete.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    tmp = Path(name)
-    digest = hashlib.md5(usedforsecurity=False)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            try:
-                with urllib.request.urlopen(url, timeout=60) as response:
-                    total = int(response.headers.get("Content-Length") or 0) or None
-                    with tqdm(total=total, unit="B", unit_scale=True, desc=target.name) as bar:
-                        while chunk := response.read(1 << 16):
-                            file.write(chunk)
-                            digest.update(chunk)
-                            bar.update(len(chunk))
-            except OSError as error:  # URLError, HTTPError, timeouts
-                raise DataNotFoundError(
-                    f"could not download {url}: {getattr(error, 'reason', error)}. Check the "
-                    f"connection and retry, or put the file in {target.parent} by hand."
-                ) from error
-            file.flush()
-            os.fsync(file.fileno())
-        problem = None
-        if md5 is not None and digest.hexdigest() != md5:
-            problem = f"MD5 {digest.hexdigest()}, but the official file has MD5 {md5}"
-        elif lines is not None and (count := len(tmp.read_text().split())) != lines:
-            problem = f"{count} lines, but the official file has {lines}"
-        if problem:
-            raise ValueError(
-                f"{url} downloaded with {problem}; the download was deleted. Retry later (the "
-                "server may have sent an error page or a truncated file), or put a good copy "
-                f"in {target.parent} by hand, or set METALAB_DATA to a folder that already "
-                "holds the Omniglot data."
-            )
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+            fetch_file(f"{base_url}{split}.txt", target, lines=lines)

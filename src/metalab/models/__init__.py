@@ -14,8 +14,8 @@ from torch import nn
 
 from metalab.models.support_statistics import SupportStatistics
 
-__all__ = ["BACKBONES", "MLP", "Conv4", "SupportStatistics", "build_backbone", "feature_shape",
-           "register_backbone", "use_batch_statistics"]
+__all__ = ["BACKBONES", "MLP", "Conv4", "ResidualMLP", "SupportStatistics", "build_backbone",
+           "feature_shape", "register_backbone", "use_batch_statistics"]
 
 
 def conv_block(in_channels: int, out_channels: int, pool: bool, stride: int = 1) -> nn.Sequential:
@@ -98,12 +98,35 @@ class MLP(_Layers):
         super().__init__(*layers)
 
 
+class ResidualMLP(nn.Module):
+    """``x + MLP(x)`` with the MLP's last layer zero-initialised: a head over fixed features
+    (e.g. frozen sentence embeddings) that starts as the identity, so meta-training begins
+    from the features' own nearest-class-mean quality instead of a random projection.
+    """
+
+    def __init__(self, in_features: int, hidden: tuple[int, ...] = (256,)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            width = size
+        last = nn.Linear(width, in_features)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.residual = nn.Sequential(nn.Flatten(), *layers, last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) + self.residual(x)
+
+
 BackboneFactory = Callable[..., nn.Module]  # (input_shape, **options) -> backbone
 
 # name -> factory(input_shape, **options); register_backbone adds one.
 BACKBONES: dict[str, BackboneFactory] = {
     "conv4": lambda input_shape, **options: Conv4(in_channels=input_shape[0], **options),
     "mlp": lambda input_shape, **options: MLP(in_features=math.prod(input_shape), **options),
+    "residual": lambda input_shape, **options: ResidualMLP(math.prod(input_shape), **options),
 }
 
 

