@@ -31,11 +31,10 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 from metalab.algorithms import ALGORITHMS
 from metalab.config import Config, builtin_configs, load_config
-from metalab.io import atomic_write_text
+from metalab.io import atomic_write_text, cached_json
 from metalab.kinds import TaskKind, get_kind
 
 __all__ = ["ADAPT_MEMORY_EPISODES", "Comparison", "Row", "parse_budget", "part_config",
@@ -207,14 +206,6 @@ def run_one(config: Config, out: Path, fresh: bool = False, progress: bool = Tru
 
 # -- studies -----------------------------------------------------------------------------------
 
-def _cached_json(path: Path, fresh: bool, compute: Callable[[], Any]) -> Any:
-    if path.exists() and not fresh:
-        return json.loads(path.read_text())
-    value = compute()
-    atomic_write_text(json.dumps(value, indent=2) + "\n", path)
-    return value
-
-
 def shots_curve(row: Row, shots: list[int], episodes: int, fresh: bool = False,
                 progress: bool = False) -> list[tuple[float, float, float]]:
     """``row``'s trained model scored with each number of support examples per class."""
@@ -225,8 +216,8 @@ def shots_curve(row: Row, shots: list[int], episodes: int, fresh: bool = False,
                                         episodes=episodes, progress=progress)
         return [k, result.mean, result.ci95]
 
-    return [tuple(_cached_json(Path(row.run_dir) / f"shots-{k}-{episodes}.json", fresh,
-                               lambda k=k: score(k))) for k in shots]
+    return [tuple(cached_json(Path(row.run_dir) / f"shots-{k}-{episodes}.json",
+                              lambda k=k: score(k), fresh)) for k in shots]
 
 
 def diversity_curve(config: Config, row: Row, fractions: list[float], out: Path,

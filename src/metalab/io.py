@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_text", "cache_dir"]
+__all__ = ["atomic_save", "atomic_write_text", "cache_dir", "cached_json"]
 
 
 def _atomic_replace(path: Path, write: Any) -> None:
@@ -59,3 +61,15 @@ def cache_dir() -> Path:
     root = os.environ.get("METALAB_CACHE") or Path(
         os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "metalab"
     return Path(root)
+
+
+def cached_json(path: str | os.PathLike, compute: Callable[[], Any], fresh: bool = False,
+                ) -> Any:
+    """``compute()``'s JSON-able result, stored at ``path`` atomically; later calls read it
+    back (``fresh`` recomputes), so work cut short resumes where it stopped."""
+    path = Path(path)
+    if path.is_file() and not fresh:
+        return json.loads(path.read_text())
+    value = compute()
+    atomic_write_text(json.dumps(value, indent=2) + "\n", path)
+    return value

@@ -106,6 +106,12 @@ def _sinusoid_steps(*shots: int) -> dict[str, Setting]:
             for k in shots for s in (1, 5, 10)}
 
 
+_ETT_SETTINGS = {f"{share}pct-{metric}": Setting(f"{share}% {metric.upper()}", metric)
+                 for share in (5, 10) for metric in ("mse", "mae")}
+_ETT_SETUP = ("export METALAB_DATA=../shared/data   # the folder holding ett-small/",)
+_MOVIELENS_SETUP = ("export METALAB_DATA=../shared/data   # a folder holding movielens-100k/ "
+                    "or ml-100k.zip",)
+
 BENCHMARKS: dict[str, Benchmark] = {
     "omniglot": Benchmark(
         "Omniglot",
@@ -151,16 +157,14 @@ BENCHMARKS: dict[str, Benchmark] = {
         "layer, then a linear head), targets centred on the meta-train users' mean rating.",
         {"mae": Setting("MAE", "mae"), "rmse": Setting("RMSE", "rmse"),
          "ndcg3": Setting("nDCG@3", "ndcg")},
-        ("export METALAB_DATA=../shared/data   # a folder holding movielens-100k/ or "
-         "ml-100k.zip",)),
+        _MOVIELENS_SETUP),
     "movielens-seeds": Benchmark(
         "Cold-start recommendation: MAE on each seed",
         "The MovieLens 100K runs above, seed by seed (the same user split for every method "
         "in a column): the bar asks the best meta-learner to beat the strongest baseline on "
         "every seed.",
         {f"seed{k}": Setting(f"seed {k}", "mae") for k in range(5)},
-        ("export METALAB_DATA=../shared/data   # a folder holding movielens-100k/ or "
-         "ml-100k.zip",)),
+        _MOVIELENS_SETUP),
     "ett-h1-h2": Benchmark(
         "A new transformer: ETTh1 → ETTh2",
         "Informer's ETT split (12/4/4 months), lookback 336, horizons 96/192/336/720; "
@@ -173,15 +177,11 @@ BENCHMARKS: dict[str, Benchmark] = {
         "`python -m metalab.studies.ett`. Mean ± 95% CI over seeds of the meta-training "
         "(baselines: deterministic); *training* sums the four horizons (baselines: the time "
         "to fit all four of them and the source's ridge).",
-        {"5pct-mse": Setting("5% MSE", "mse"), "5pct-mae": Setting("5% MAE", "mae"),
-         "10pct-mse": Setting("10% MSE", "mse"), "10pct-mae": Setting("10% MAE", "mae")},
-        ("export METALAB_DATA=../shared/data   # the folder holding ett-small/",)),
+        _ETT_SETTINGS, _ETT_SETUP),
     "ett-h2-h1": Benchmark(
         "A new transformer: ETTh2 → ETTh1",
         "As above in the reverse direction: meta-trained on ETTh2, adapted to ETTh1.",
-        {"5pct-mse": Setting("5% MSE", "mse"), "5pct-mae": Setting("5% MAE", "mae"),
-         "10pct-mse": Setting("10% MSE", "mse"), "10pct-mae": Setting("10% MAE", "mae")},
-        ("export METALAB_DATA=../shared/data   # the folder holding ett-small/",)),
+        _ETT_SETTINGS, _ETT_SETUP),
     "banking77-episodic": Benchmark(
         "Few-shot intents: BANKING77 5-way episodes on held-out intents",
         "Frozen all-MiniLM-L6-v2 sentence embeddings (384-d); each algorithm meta-learns a "

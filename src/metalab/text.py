@@ -17,6 +17,7 @@ per encoded batch, so an interrupted run keeps what it finished) and encodes onl
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -102,7 +103,7 @@ class SentenceTransformerEncoder:
                               ) from error
         self.folder = folder
         self.model = SentenceTransformer(str(folder), device=device)
-        self.name = f"{label or folder.name}-{_weights_digest(folder)}"
+        self.name = _model_name(folder, label)
 
     def encode(self, texts: Sequence[str]) -> Tensor:
         vectors = self.model.encode(list(texts), batch_size=64, convert_to_numpy=True,
@@ -111,6 +112,19 @@ class SentenceTransformerEncoder:
 
     def __repr__(self) -> str:
         return f"SentenceTransformerEncoder({str(self.folder)!r})"
+
+
+@functools.cache
+def _model_name(folder: Path, label: str | None) -> str:
+    """``label`` (default: the folder's name) and a hash of the folder's weight files."""
+    return f"{label or folder.name}-{_weights_digest(folder)}"
+
+
+def _model_spec(key: str) -> tuple[Path, str | None]:
+    """The model folder and cache label of an encoder spec that names a model."""
+    if key == DEFAULT_ENCODER:
+        return default_model_folder(), DEFAULT_LABEL
+    return Path(key), None
 
 
 def _weights_digest(folder: Path) -> str:
@@ -144,7 +158,6 @@ def register_encoder(name: str, factory: Callable[[], SentenceEncoder]) -> None:
         raise ValueError(f"{name!r} is the bundled default encoder; choose another name.")
     ENCODERS[name] = factory
     _LOADED.pop(name, None)
-    _NAMES.pop(name, None)
 
 
 def load_encoder(spec: str | os.PathLike | SentenceEncoder = DEFAULT_ENCODER) -> SentenceEncoder:
@@ -160,12 +173,11 @@ def load_encoder(spec: str | os.PathLike | SentenceEncoder = DEFAULT_ENCODER) ->
     if key in ENCODERS and key not in _LOADED:
         _LOADED[key] = ENCODERS[key]()
     if key not in _LOADED:
-        folder = default_model_folder() if key == DEFAULT_ENCODER else Path(key)
-        if key != DEFAULT_ENCODER and not folder.exists():
+        folder, label = _model_spec(key)
+        if not folder.exists():
             raise FileNotFoundError(f"unknown sentence encoder {key!r}: give {DEFAULT_ENCODER!r} "
                                     "or the folder of a sentence-transformers model.")
-        _LOADED[key] = SentenceTransformerEncoder(
-            folder, DEFAULT_LABEL if key == DEFAULT_ENCODER else None)
+        _LOADED[key] = SentenceTransformerEncoder(folder, label)
     return _LOADED[key]
 
 
@@ -289,24 +301,15 @@ def _same_size(vectors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {t: v for t, v in vectors.items() if v.size == size}
 
 
-_NAMES: dict[str, str] = {}
-
-
 def _encoder_name(spec: str | os.PathLike) -> str:
     """The cache name of encoder ``spec`` without loading the model (hashing its weights)."""
     key = str(spec)
-    if key in ENCODERS:
+    if key in ENCODERS or key in _LOADED:
         return load_encoder(key).name
-    if key not in _NAMES:
-        if key in _LOADED:
-            _NAMES[key] = _LOADED[key].name
-        else:
-            folder = default_model_folder() if key == DEFAULT_ENCODER else Path(key)
-            if not (folder / "modules.json").is_file():
-                return ""  # load_encoder will say what is wrong
-            label = DEFAULT_LABEL if key == DEFAULT_ENCODER else folder.name
-            _NAMES[key] = f"{label}-{_weights_digest(folder)}"
-    return _NAMES[key]
+    folder, label = _model_spec(key)
+    if not (folder / "modules.json").is_file():
+        return ""  # load_encoder will say what is wrong
+    return _model_name(folder, label)
 
 
 def intent_dataset(

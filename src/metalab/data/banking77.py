@@ -24,7 +24,7 @@ import json
 import os
 from pathlib import Path
 
-from metalab.data.paths import DataNotFoundError, data_dirs, fetch_file, md5sum
+from metalab.data.paths import DataNotFoundError, fetch_checked, fetch_file, find_folder
 from metalab.tasks import ClassDataset
 from metalab.text import DEFAULT_ENCODER, SentenceEncoder, intent_dataset
 
@@ -46,14 +46,7 @@ _FOLD_FILES = {"train": "labels.train.txt", "val": "labels.valid.txt", "test": "
 
 def folder(data_dir: str | os.PathLike | None = None) -> Path:
     """The first ``banking77/`` folder, among :func:`data_dirs`, that holds the three files."""
-    dirs = data_dirs(data_dir)
-    for root in dirs:
-        if all((root / "banking77" / name).is_file() for name in MD5):
-            return root / "banking77"
-    raise DataNotFoundError(
-        f"BANKING77 not found: looked for banking77/{{train.csv,test.csv,categories.json}} in "
-        f"{', '.join(str(d) for d in dirs)}. Run `metalab datasets --download banking77`, or "
-        f"set METALAB_DATA to a folder holding banking77/ (files from {BASE_URL}).")
+    return find_folder("banking77", MD5, data_dir, "BANKING77", BASE_URL)
 
 
 def read(file: str, data_dir: str | os.PathLike | None = None) -> list[tuple[str, str]]:
@@ -117,9 +110,7 @@ def status(data_dir: str | os.PathLike | None = None) -> str:
 def download(dest: str | os.PathLike) -> Path:
     """Fetch the three files and the five ProtAugment folds into ``dest``, MD5-checked."""
     dest = Path(dest)
-    for name, md5 in MD5.items():
-        if not (dest / name).is_file() or md5sum(dest / name) != md5:
-            fetch_file(BASE_URL + name, dest / name, md5=md5)
+    fetch_checked(BASE_URL, MD5, dest)
     for fold in FOLDS:
         for count, file in zip((25, 25, 27), _FOLD_FILES.values(), strict=True):
             target = dest / "splits" / "protaugment" / f"{fold:02d}" / file

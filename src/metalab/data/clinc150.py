@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
-from metalab.data.paths import DataNotFoundError, data_dirs, fetch_file, md5sum
+from metalab.data.paths import DataNotFoundError, fetch_checked, find_folder
 from metalab.tasks import ClassDataset
 from metalab.text import DEFAULT_ENCODER, SentenceEncoder, intent_dataset
 
@@ -59,14 +59,7 @@ MD5 = {"data_full.json": "30c29dc6ab78edf3b5dfa640be204cde",
 
 def folder(data_dir: str | os.PathLike | None = None) -> Path:
     """The first ``clinc150/`` folder, among :func:`data_dirs`, that holds both files."""
-    dirs = data_dirs(data_dir)
-    for root in dirs:
-        if all((root / "clinc150" / name).is_file() for name in MD5):
-            return root / "clinc150"
-    raise DataNotFoundError(
-        f"CLINC150 not found: looked for clinc150/{{data_full.json,domains.json}} in "
-        f"{', '.join(str(d) for d in dirs)}. Run `metalab datasets --download clinc150`, or "
-        f"set METALAB_DATA to a folder holding clinc150/ (files from {BASE_URL}).")
+    return find_folder("clinc150", MD5, data_dir, "CLINC150", BASE_URL)
 
 
 @cache
@@ -134,7 +127,5 @@ def status(data_dir: str | os.PathLike | None = None) -> str:
 def download(dest: str | os.PathLike) -> Path:
     """Fetch ``data_full.json`` and ``domains.json`` into ``dest``, MD5-checked."""
     dest = Path(dest)
-    for name, md5 in MD5.items():
-        if not (dest / name).is_file() or md5sum(dest / name) != md5:
-            fetch_file(BASE_URL + name, dest / name, md5=md5)
+    fetch_checked(BASE_URL, MD5, dest)
     return dest

@@ -37,7 +37,6 @@ from torch import Tensor
 
 from metalab.data.paths import DataNotFoundError, data_dirs
 from metalab.kinds import REGRESSION
-from metalab.models import embedding  # noqa: F401  (registers the embedding_mlp backbone)
 from metalab.tasks import RaggedTaskBatch, TaskBatch, stack_tasks
 
 __all__ = ["AGE_EDGES", "CARDINALITIES", "FEATURES", "KIND", "MD5", "SPLITS", "MovieLens",

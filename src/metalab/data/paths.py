@@ -6,13 +6,15 @@ import hashlib
 import os
 import tempfile
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from metalab.io import cache_dir
 
-__all__ = ["DataNotFoundError", "data_dirs", "fetch_file", "md5sum"]
+__all__ = ["DataNotFoundError", "data_dirs", "fetch_checked", "fetch_file", "find_folder",
+           "md5sum"]
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -29,6 +31,29 @@ def data_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
         found.append(Path(os.environ["METALAB_DATA"]))
     found.append(cache_dir() / "data")
     return found
+
+
+def find_folder(name: str, files: Iterable[str], data_dir: str | os.PathLike | None,
+                label: str, base_url: str) -> Path:
+    """The first ``<dir>/<name>/`` among :func:`data_dirs` that holds every one of ``files``;
+    else a :class:`DataNotFoundError` saying where it looked and how to get ``label``'s files
+    (``metalab datasets --download <name>``, or from ``base_url``)."""
+    files, dirs = list(files), data_dirs(data_dir)
+    for root in dirs:
+        if all((root / name / file).is_file() for file in files):
+            return root / name
+    raise DataNotFoundError(
+        f"{label} not found: looked for {name}/{{{','.join(files)}}} in "
+        f"{', '.join(str(d) for d in dirs)}. Run `metalab datasets --download {name}`, or "
+        f"set METALAB_DATA to a folder holding {name}/ (files from {base_url}).")
+
+
+def fetch_checked(base_url: str, md5s: dict[str, str], dest: Path) -> None:
+    """Download each file of ``md5s`` from ``base_url`` into ``dest`` unless a copy with that
+    MD5 is already there."""
+    for name, md5 in md5s.items():
+        if not (dest / name).is_file() or md5sum(dest / name) != md5:
+            fetch_file(base_url + name, dest / name, md5=md5)
 
 
 def fetch_file(url: str, target: Path, md5: str | None = None, lines: int | None = None) -> None:

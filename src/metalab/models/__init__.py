@@ -12,10 +12,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from metalab.models.embedding import EmbeddingMLP
 from metalab.models.support_statistics import SupportStatistics
 
-__all__ = ["BACKBONES", "MLP", "Conv4", "ResidualMLP", "SupportStatistics", "build_backbone",
-           "feature_shape", "register_backbone", "use_batch_statistics"]
+__all__ = ["BACKBONES", "MLP", "Conv4", "EmbeddingMLP", "ResidualMLP", "SupportStatistics",
+           "build_backbone", "feature_shape", "register_backbone", "use_batch_statistics"]
 
 
 def conv_block(in_channels: int, out_channels: int, pool: bool, stride: int = 1) -> nn.Sequential:
@@ -127,6 +128,7 @@ BACKBONES: dict[str, BackboneFactory] = {
     "conv4": lambda input_shape, **options: Conv4(in_channels=input_shape[0], **options),
     "mlp": lambda input_shape, **options: MLP(in_features=math.prod(input_shape), **options),
     "residual": lambda input_shape, **options: ResidualMLP(math.prod(input_shape), **options),
+    "embedding_mlp": lambda input_shape, **options: EmbeddingMLP(input_shape[-1], **options),
 }
 
 

@@ -16,8 +16,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from metalab.models import register_backbone
-
 __all__ = ["EmbeddingMLP"]
 
 
@@ -54,7 +52,3 @@ class EmbeddingMLP(nn.Module):
             parts.append(self.flag_embedding(flags) / flags.sum(1, keepdim=True).clamp_min(1))
         return self.mlp(torch.cat(parts, dim=1))
 
-
-register_backbone(
-    "embedding_mlp",
-    lambda input_shape, **options: EmbeddingMLP(num_columns=input_shape[-1], **options))

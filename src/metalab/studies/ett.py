@@ -26,7 +26,6 @@ resumes::
 
 from __future__ import annotations
 
-import argparse
 import functools
 import statistics
 import sys
@@ -39,7 +38,8 @@ import torch
 from torch import Tensor
 
 from metalab.data import ett
-from metalab.studies.common import cached, markdown, summary
+from metalab.io import cached_json
+from metalab.studies.common import markdown, study_parser, summary
 from metalab.studies.forecasting import choose_ridge, errors, predict
 
 __all__ = ["BASELINES", "FRACTIONS", "META_LEARNERS", "adapt_by_validation", "main", "prepare"]
@@ -202,18 +202,18 @@ def run(source: str, target: str, seeds: Sequence[int], methods: Sequence[str],
         windows = {f: prepare(source, target, horizon, f, data_dir) for f in fractions}
         base = [m for m in methods if m in BASELINES]
         if base:
-            got = cached(out / direction / f"baselines-h{horizon}.json",
-                         functools.partial(_all_baselines, windows), fresh)
+            got = cached_json(out / direction / f"baselines-h{horizon}.json",
+                              functools.partial(_all_baselines, windows), fresh)
             for m in base:  # their time: fitting all of them (and the source's ridge)
                 for f, per in got["by_fraction"].items():
                     results[m].setdefault(0, {}).setdefault(f, {})[horizon] = {
                         **per[m], "train_seconds": got["seconds"] / len(got["by_fraction"])}
         for seed in seeds:
             for m in (m for m in methods if m in META_LEARNERS):
-                got = cached(out / direction / f"seed{seed}" / f"{m}-h{horizon}.json",
-                             functools.partial(_meta_result, m, source, horizon, seed,
-                                               out / direction, data_dir, steps, windows),
-                             fresh)
+                got = cached_json(out / direction / f"seed{seed}" / f"{m}-h{horizon}.json",
+                                  functools.partial(_meta_result, m, source, horizon, seed,
+                                                    out / direction, data_dir, steps, windows),
+                                  fresh)
                 for f, per in got["by_fraction"].items():
                     results[m].setdefault(seed, {}).setdefault(f, {})[horizon] = {
                         **per, "train_seconds": got["train_seconds"]}
@@ -279,21 +279,11 @@ def bar(avg: dict[str, dict[str, dict[str, Any]]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m metalab.studies.ett",
-                                     description=__doc__.split("\n\n")[0])
+    parser = study_parser("ett", __doc__, [0, 1, 2], [*BASELINES, *META_LEARNERS],
+                          "ett-small/", DEFAULT_OUT)
     parser.add_argument("--source", default="ETTh1", choices=ett.SERIES)
     parser.add_argument("--target", default="ETTh2", choices=ett.SERIES)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=[*BASELINES, *META_LEARNERS])
     parser.add_argument("--horizons", type=int, nargs="+", default=list(ett.HORIZONS))
-    parser.add_argument("--steps", type=int, help="training steps (default: the configs')")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--data-dir", help="folder holding ett-small/ (or METALAB_DATA)")
-    parser.add_argument("--fresh", action="store_true", help="recompute cached results")
-    parser.add_argument("--records", type=Path, help="write result records to this folder")
-    parser.add_argument("--machine", default="2-core CPU", help="with --records")
-    parser.add_argument("--note", help="with --records: whether the bar is met and why, "
-                        "for the table's notes")
     args = parser.parse_args(argv)
     if args.source == args.target:
         parser.error("--source and --target must be different transformers")

@@ -147,10 +147,14 @@ def _baseline_row(task: str, name: str, mean: float, ci95: float, seconds: float
                adapt_grad_steps=0, run_dir="")
 
 
+def _fold_mean(means: list[float], cis: list[float]) -> tuple[float, float]:
+    """The mean of independent fold means and its 95% CI half-width."""
+    return sum(means) / len(means), math.sqrt(sum(c ** 2 for c in cis)) / len(cis)
+
+
 def _average_folds(rows: list[Row], task: str) -> Row:
-    """One row for the mean over folds: the CI of a mean of independent fold means."""
-    mean = sum(r.mean for r in rows) / len(rows)
-    ci = math.sqrt(sum(r.ci95 ** 2 for r in rows)) / len(rows)
+    """One row for the mean over folds (:func:`_fold_mean`)."""
+    mean, ci = _fold_mean([r.mean for r in rows], [r.ci95 for r in rows])
     return replace(rows[0], task=task, mean=mean, ci95=ci,
                    train_seconds=sum(r.train_seconds for r in rows),
                    train_steps=sum(r.train_steps for r in rows),
@@ -188,13 +192,19 @@ def _default_algorithms() -> list[str]:
                   if n not in left_out and a.supports(CLASSIFICATION))
 
 
-def _trained(config, out: Path, fresh: bool, progress: bool):
+def _adapters(pattern: str, algorithms: list[str], steps: int | None, budget: float | None,
+              out: Path, fresh: bool, progress: bool) -> dict[str, tuple[Callable, Row]]:
+    """Each algorithm meta-trained on ``pattern``'s config (or read from compare's cache):
+    name -> (its ``adapt``, its training row)."""
     from metalab.runs import load_checkpoint
 
-    print(f"== {config.algorithm}: meta-training on {config.dataset}/{config.train_split}")
-    row = run_one(config, out, fresh, progress)
-    algo, _ = load_checkpoint(Path(row.run_dir) / "best.pt")
-    return algo.eval(), row
+    adapters = {}
+    for config in _configs(pattern, algorithms, steps, budget):
+        print(f"== {config.algorithm}: meta-training on {config.dataset}/{config.train_split}")
+        row = run_one(config, out, fresh, progress)
+        algo, _ = load_checkpoint(Path(row.run_dir) / "best.pt")
+        adapters[config.algorithm] = (algo.eval().adapt, row)
+    return adapters
 
 
 # -- protocols ---------------------------------------------------------------------------------
@@ -232,8 +242,7 @@ def episodic(shots: int, algorithms: list[str] | None = None, steps: int | None 
         mean, ci = mean_ci95(scores)
         means.append(mean)
         cis.append(ci)
-    rows.append(_baseline_row(task, "nearest class mean", sum(means) / len(means),
-                              math.sqrt(sum(c ** 2 for c in cis)) / len(cis), seconds))
+    rows.append(_baseline_row(task, "nearest class mean", *_fold_mean(means, cis), seconds))
     return rows
 
 
@@ -249,10 +258,8 @@ def banking77_full_way(algorithms: list[str] | None = None, steps: int | None = 
         "logistic regression": (lambda x, y: logistic_regression(x, y, 77), None),
         "nearest class mean": (lambda x, y: nearest_class_mean(x, y, 77), None),
     }
-    for config in _configs("banking77/{}-77w", algorithms or _default_algorithms(), steps,
-                           budget):
-        algo, row = _trained(config, out, fresh, progress)
-        methods[config.algorithm] = (lambda x, y, algo=algo: algo.adapt(x, y), row)
+    methods.update(_adapters("banking77/{}-77w", algorithms or _default_algorithms(), steps,
+                             budget, out, fresh, progress))
     rows = []
     for shots in FULL_WAY_SHOTS:
         task = f"banking77 77-way {shots}-shot (all test sentences)"
@@ -302,10 +309,11 @@ def clinc150_oos(algorithms: list[str] | None = None, steps: int | None = None,
     if skipped:
         print(f"   clinc150-oos leaves out {', '.join(skipped)}: their output layer has one "
               "unit per class of the training tasks, and BANKING77 has 77 intents, not 150.")
-    for config in _configs("clinc150/{}-oos", chosen, steps, budget):
-        algo, row = _trained(config, out, fresh, progress)
-        methods[config.algorithm] = (
-            lambda x, y, algo=algo: _probabilities(algo.adapt(x, y)), row)
+    for name, (adapt, row) in _adapters("clinc150/{}-oos", chosen, steps, budget, out, fresh,
+                                         progress).items():
+        methods[name] = (lambda x, y, adapt=adapt: _probabilities(adapt(x, y)), row)
+    in_scope = torch.cat([torch.ones(len(test_y)), torch.zeros(len(test_oos))]).bool()
+    labels = torch.cat([test_y, torch.full((len(test_oos),), -1)])
     rows = []
     for name, (fit, row) in methods.items():
         accuracy, recall, thresholds = [], [], []
@@ -317,9 +325,7 @@ def clinc150_oos(algorithms: list[str] | None = None, steps: int | None = None,
                 val_score, val_predicted = val_logits.max(1)
                 threshold = fit_threshold(val_score, val_predicted == val_y,
                                           val_out.max(1).values)
-                in_scope = torch.cat([torch.ones(len(test_y)), torch.zeros(len(test_oos))]).bool()
                 logits = torch.cat([predict(test_x), predict(test_oos)])
-                labels = torch.cat([test_y, torch.full((len(test_oos),), -1)])
             a, r = open_set_scores(logits, labels, in_scope, threshold)
             accuracy.append(SCALE * a)
             recall.append(SCALE * r)

@@ -22,7 +22,6 @@ resumes. The table gives mean ± 95% CI (1.96 · s / √n over seeds) and each s
 
 from __future__ import annotations
 
-import argparse
 import functools
 import itertools
 import statistics
@@ -36,7 +35,8 @@ import torch
 from torch import Tensor
 
 from metalab.data import movielens100k as ml
-from metalab.studies.common import cached, markdown, summary
+from metalab.io import cached_json
+from metalab.studies.common import markdown, study_parser, summary
 from metalab.studies.ratings import (
     GlobalMean,
     ItemBiasUserOffset,
@@ -153,7 +153,7 @@ def run(seeds: Sequence[int], methods: Sequence[str], out: Path, data_dir: str |
             else:
                 compute = functools.partial(train_meta, method, seed, out, data_dir, steps,
                                             progress)
-            results[method][seed] = cached(path, compute, fresh)
+            results[method][seed] = cached_json(path, compute, fresh)
             r = results[method][seed]
             print(f"seed {seed} {method:>22}: MAE {r['mae']:.4f} RMSE {r['rmse']:.4f} "
                   f"nDCG@3 {r['ndcg3']:.4f}", flush=True)
@@ -198,18 +198,8 @@ def bar(results: dict[str, dict[int, dict[str, Any]]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m metalab.studies.movielens",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--methods", nargs="+", default=[*BASELINE_GRIDS, *META_LEARNERS])
-    parser.add_argument("--steps", type=int, help="training steps (default: the configs')")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--data-dir", help="folder holding movielens-100k/ (or METALAB_DATA)")
-    parser.add_argument("--fresh", action="store_true", help="recompute cached results")
-    parser.add_argument("--records", type=Path, help="write result records to this folder")
-    parser.add_argument("--machine", default="2-core CPU", help="with --records")
-    parser.add_argument("--note", help="with --records: whether the bar is met and why, "
-                        "for the table's notes")
+    parser = study_parser("movielens", __doc__, [0, 1, 2, 3, 4],
+                          [*BASELINE_GRIDS, *META_LEARNERS], "movielens-100k/", DEFAULT_OUT)
     args = parser.parse_args(argv)
     results = run(args.seeds, args.methods, args.out, args.data_dir, args.steps, args.fresh)
     text = table(results) + "\n\n" + bar(results)
