@@ -37,7 +37,7 @@ import metalab
 from metalab.algorithms import MetaLearner, TaskSpec
 from metalab.memory import PeakMemory, status_kib
 from metalab.tasks import TaskBatch
-from metalab.train import meta_backward
+from metalab.train import Trainer, meta_backward
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -409,3 +409,82 @@ def train_step(algo: nn.Module, optimizer: torch.optim.Optimizer, batch: TaskBat
     loss, _ = meta_backward(algo, batch, task_chunk)
     optimizer.step()
     return loss
+
+
+# --- metalab serve -----------------------------------------------------------------------------
+
+SERVE_TOKEN = "benchmark"
+SERVE_AUTH = {"Authorization": f"Bearer {SERVE_TOKEN}"}
+
+
+def trained_checkpoint(name: str, config: str, *overrides: str) -> Path:
+    """``config`` with ``overrides`` trained once into runs/benchmarks/<name>/ (reused after)."""
+    from metalab.config import load_config
+
+    out = REPO / "runs" / "benchmarks" / name
+    if not (out / "best.pt").exists():
+        Trainer.from_config(load_config(config, [*overrides, f"out={out}"]),
+                            progress=False).fit()
+    return out / "best.pt"
+
+
+class Server:
+    """A `metalab serve` process on a free port of 127.0.0.1 with its own store in ``folder``
+    (serve_load, serve_end_to_end)."""
+
+    def __init__(self, ckpt: Path, folder: Path, *options: str) -> None:
+        import socket
+
+        import httpx
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "metalab", "serve", str(ckpt), "--port", str(self.port),
+             "--store", str(folder / f"store-{self.port}.sqlite"), "--token", SERVE_TOKEN,
+             *options],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(self.url + "/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"metalab serve on port {self.port} did not start")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+def png(image: Tensor) -> bytes:
+    """A ``[1, H, W]`` uint8 image as PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image[0].numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def register(url: str, kind: str, task: str, support: dict[str, list]) -> None:
+    """Create ``task`` on the server at ``url`` with a class per ``support`` item: a list of
+    sentences (``kind`` text) or of image files' bytes."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=120, headers=SERVE_AUTH) as client:
+        client.post("/tasks", json={"name": task}).raise_for_status()
+        for name, examples in support.items():
+            if kind == "text":
+                client.post(f"/tasks/{task}/classes", json={"name": name, "examples": examples}
+                            ).raise_for_status()
+            else:
+                client.post(f"/tasks/{task}/classes", data={"name": name}, files=[
+                    ("files", (f"{i}.png", e, "image/png")) for i, e in enumerate(examples)]
+                ).raise_for_status()

@@ -1,4 +1,4 @@
-"""The ``metalab`` command: train, evaluate, adapt, compare, datasets."""
+"""The ``metalab`` command: train, evaluate, adapt, compare, serve, datasets."""
 
 from __future__ import annotations
 
@@ -179,6 +179,38 @@ def _read_support(folder: Path, channels: int, size: int, fmt: dict):
     return classes, torch.stack(images).float() / 255, torch.tensor(labels)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import importlib.util
+    import ipaddress
+
+    missing = [m for m in ("fastapi", "uvicorn", "multipart") if not importlib.util.find_spec(m)]
+    if missing:
+        raise ValueError(f"metalab serve needs the serve extra (missing: {', '.join(missing)}): "
+                         'pip install "metalab[serve]".')
+    import uvicorn
+
+    from metalab.serve.app import create_app
+    from metalab.serve.service import Service
+
+    token = args.token or os.environ.get("METALAB_SERVE_TOKEN") or None
+    try:
+        local = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        local = False
+    if token is None and not local:
+        raise ValueError(f"--host {args.host} lets other machines change the store; give a token "
+                         "(--token or METALAB_SERVE_TOKEN) that writes must send, or bind to "
+                         "127.0.0.1.")
+    service = Service(args.checkpoint, args.store, readapt=args.readapt)
+    app = create_app(service, token=token, batching=not args.no_batching,
+                     max_batch=args.max_batch, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    print(f"metalab serve: {service.algorithm.name} from {args.checkpoint} reading "
+          f"{service.inputs.kind}s, {len(service.task_names())} task(s) in {args.store}; "
+          f"http://{args.host}:{args.port}/ (API docs at /docs); writes "
+          f"{'need the token' if token else 'need no token (local only)'}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
 def _datasets(args: argparse.Namespace) -> None:
     from metalab import data
 
@@ -285,6 +317,40 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--threshold", type=float, help="sentences: answer out-of-scope when "
                        "the score (largest softmax probability) is below this (default: never)")
     adapt.set_defaults(func=_adapt)
+
+    serve = sub.add_parser(
+        "serve", help="serve a trained classifier over HTTP: register classes from a few "
+        "examples, predict, with a web page",
+        description="Serve a checkpoint trained on images or sentences. Clients create tasks, "
+        "add classes from a handful of examples (JSON sentences or image uploads) and predict; "
+        "the model adapts when a class changes, and each task's adapted state is kept in the "
+        "SQLite --store with its examples, so a restart serves at once. The web page is at /, "
+        "the API docs at /docs. Writes need the token when one is set; without a token the "
+        "server binds only to the local machine.",
+        epilog="Example: metalab serve runs/banking77/default-5w5s/best.pt --store intents.sqlite"
+        " ; then curl -X POST localhost:8000/tasks -H 'Content-Type: application/json' -d "
+        "'{\"name\": \"bot\"}'")
+    serve.add_argument("checkpoint", help="a best.pt or last.pt written by 'metalab train'")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (8000)")
+    serve.add_argument("--store", default="metalab-store.sqlite",
+                       help="SQLite file of tasks, examples and adapted states, created if "
+                       "absent (metalab-store.sqlite)")
+    serve.add_argument("--token", help="token that writes must send as 'Authorization: Bearer "
+                       "<token>' (or set METALAB_SERVE_TOKEN); required unless bound to "
+                       "127.0.0.1")
+    serve.add_argument("--readapt", action="store_true",
+                       help="the store's tasks were adapted by another checkpoint: adapt every "
+                       "task again from its stored examples")
+    serve.add_argument("--no-batching", action="store_true",
+                       help="compute each prediction request alone instead of micro-batching "
+                       "the requests that wait")
+    serve.add_argument("--max-batch", type=int, default=64,
+                       help="most queries in one micro-batch (64)")
+    serve.add_argument("--max-upload-mb", type=float, default=20,
+                       help="largest request body in MiB (20)")
+    serve.add_argument("--log-level", default="warning", help="uvicorn's log level (warning)")
+    serve.set_defaults(func=_serve)
 
     ds = sub.add_parser("datasets", help="which data sets are available and where")
     ds.add_argument("--data-dir", help="extra folder to search first (or set METALAB_DATA)")

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from metalab.kinds import TaskKind, get_kind
@@ -23,7 +24,8 @@ from metalab.tasks import RaggedTaskBatch, TaskBatch
 if TYPE_CHECKING:
     from metalab.algorithms.base import MetaLearner
 
-__all__ = ["EvalResult", "check_finite", "evaluate", "mean_ci95", "nonfinite_tensors"]
+__all__ = ["EvalResult", "check_finite", "evaluate", "fit_threshold", "mean_ci95",
+           "nonfinite_tensors"]
 
 
 @dataclass
@@ -128,3 +130,19 @@ def evaluate(
         query_ms=statistics.median(query_times) * 1e3, unit=kind.unit,
         nonfinite=sum(not math.isfinite(s) for s in scores),
     )
+
+
+def fit_threshold(in_scores: Tensor, in_correct: Tensor, out_scores: Tensor) -> float:
+    """The score threshold that maximises the accuracy over all validation examples with
+    "out of scope" as one more class: in-scope examples count when classified correctly and
+    not rejected, out-of-scope ones when rejected (how Larson et al. 2019 fit theirs).
+
+    Candidates are the midpoints between consecutive distinct scores (and the ends), so the
+    result does not sit on a validation score; ties go to the lowest threshold.
+    """
+    values = torch.cat([in_scores, out_scores]).unique()
+    candidates = torch.cat([values[:1] - 1, (values[1:] + values[:-1]) / 2, values[-1:] + 1])
+    accepted_correct = (in_scores[None] >= candidates[:, None]) & in_correct[None]
+    rejected_out = out_scores[None] < candidates[:, None]
+    right = accepted_correct.sum(1) + rejected_out.sum(1)
+    return float(candidates[torch.argmax(right)])

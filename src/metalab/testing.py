@@ -234,11 +234,26 @@ def check_learns(name: str, setup: CheckSetup) -> None:
         f"beat {bar:.4g}")
 
 
+def check_predictor_state_round_trip(name: str, setup: CheckSetup) -> None:
+    """An adapted predictor written as a state (:mod:`metalab.predictors`), saved, loaded
+    with ``weights_only`` and restored, predicts exactly like the original."""
+    from metalab.predictors import predictor_state, restore_predictor, state_bytes, state_from_bytes
+
+    algo = make_algorithm(name, setup).eval()
+    task = _batch(setup.test).task(0)
+    with torch.no_grad():
+        predictor = algo.adapt(task.support_x, task.support_y)
+        restored = restore_predictor(state_from_bytes(state_bytes(
+            predictor_state(predictor, algo))), algo)
+        a, b = predictor(task.query_x), restored(task.query_x)
+    assert torch.equal(a, b), "the restored predictor predicts differently"
+
+
 CHECKS: dict[str, Callable[[str, CheckSetup], None]] = {
     check.__name__: check for check in (
         check_shapes, check_deterministic, check_gradient_reaches_every_parameter,
         check_adapt_does_not_mutate, check_tasks_independent, check_save_load_round_trip,
-        check_learns)
+        check_predictor_state_round_trip, check_learns)
 }
 
 

@@ -59,9 +59,11 @@ class _Samples(NamedTuple):
 
 
 def read_image(
-    path: str | os.PathLike, channels: int = 1, size: int = 28, invert: bool = False
+    path: str | os.PathLike | IO[bytes], channels: int = 1, size: int = 28, invert: bool = False,
+    name: str | None = None,
 ) -> torch.Tensor:
-    """``[channels, size, size]`` uint8 of the image at ``path``.
+    """``[channels, size, size]`` uint8 of the image at ``path`` (or in a binary file object;
+    ``name`` is how errors refer to it).
 
     Decoded by :func:`open_image` (grayscale for 1 channel, RGB for 3; see the module
     docstring for modes, transparency, bit depths and orientation), optionally inverted
@@ -70,7 +72,7 @@ def read_image(
     """
     if size < 1:
         raise ValueError(f"size must be a positive number of pixels, got {size}.")
-    image = open_image(path, channels)
+    image = open_image(path, channels, name)
     if invert:  # before resizing, as Omniglot's own images are, so both match pixel for pixel
         image = ImageOps.invert(image)
     array = np.array(image.resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)

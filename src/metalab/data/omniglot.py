@@ -60,7 +60,7 @@ from metalab.data.paths import DataNotFoundError, data_dirs, fetch_file
 from metalab.io import atomic_save, cache_dir
 from metalab.tasks import ClassDataset
 
-__all__ = ["OFFICIAL_BASE", "SPLITS_BASE", "download", "load", "status"]
+__all__ = ["OFFICIAL_BASE", "SPLITS_BASE", "download", "drawing_files", "load", "status"]
 
 INVERTED = True  # strokes are stored bright on dark: invert users' images the same way
 OFFICIAL_BASE = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
@@ -274,6 +274,26 @@ def _fingerprint(sources: dict[str, Path]) -> list[list[Any]]:
                 times += sorted(e.stat().st_mtime_ns for e in os.scandir(alphabet) if e.is_dir())
         key.append([str(path), *times])
     return key
+
+
+def drawing_files(characters: Iterable[str], data_dir: str | os.PathLike | None = None,
+                  ) -> dict[str, list[bytes]]:
+    """The authors' PNG files of ``characters`` (``"Alphabet/characterNN"``), drawer 1 to 20,
+    as bytes: the drawings :func:`load` decodes, in its order (e.g. to send them to a
+    service the way a user would)."""
+    wanted = set(characters)
+    _, sources = _locate(data_dirs(data_dir), download=False)
+    files: dict[str, list[bytes]] = {}
+    for source in sources.values():
+        with _open_set(source) as (paths, read):
+            for name, drawers in _index(paths, source).items():
+                if name in wanted:
+                    files[name] = [read(drawers[d]) for d in sorted(drawers)]
+    missing = sorted(wanted - set(files))
+    if missing:
+        raise ValueError(f"Omniglot has no character {', '.join(missing[:3])}; names look "
+                         "like 'Gurmukhi/character42'.")
+    return files
 
 
 def _locate(dirs: list[Path], download: bool) -> tuple[Path, dict[str, Path]]:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metalab.compare import Row, part_config, run_one
-from metalab.evaluate import mean_ci95
+from metalab.evaluate import fit_threshold, mean_ci95
 from metalab.kinds import CLASSIFICATION
 from metalab.tasks import ClassDataset
 
@@ -108,22 +108,6 @@ def logistic_regression(support_x: Tensor, support_y: Tensor, num_classes: int,
         optimizer.step(objective)
     weight, bias = weight.detach(), bias.detach()
     return lambda q: (q.double() @ weight + bias).float()
-
-
-def fit_threshold(in_scores: Tensor, in_correct: Tensor, out_scores: Tensor) -> float:
-    """The score threshold that maximises the accuracy over all validation sentences with
-    "out of scope" as one more class: in-scope sentences count when classified correctly and
-    not rejected, out-of-scope ones when rejected (how Larson et al. 2019 fit theirs).
-
-    Candidates are the midpoints between consecutive distinct scores (and the ends), so the
-    result does not sit on a validation score; ties go to the lowest threshold.
-    """
-    values = torch.cat([in_scores, out_scores]).unique()
-    candidates = torch.cat([values[:1] - 1, (values[1:] + values[:-1]) / 2, values[-1:] + 1])
-    accepted_correct = (in_scores[None] >= candidates[:, None]) & in_correct[None]
-    rejected_out = out_scores[None] < candidates[:, None]
-    right = accepted_correct.sum(1) + rejected_out.sum(1)
-    return float(candidates[torch.argmax(right)])
 
 
 def open_set_scores(logits: Tensor, labels: Tensor, in_scope: Tensor, threshold: float,
