@@ -34,7 +34,7 @@ from PIL import Image
 
 from metalab import text
 from metalab.config import load_config
-from metalab.serve import Service, Store, StoreError
+from metalab.serve import Service, ServiceError, Store, StoreError
 from metalab.serve.app import create_app
 from metalab.serve.store import SCHEMA_VERSION
 from metalab.train import Trainer
@@ -427,6 +427,34 @@ def test_restart_restores_adapted_tasks_without_adapting(
     restarted = Service(glyph_checkpoint, tmp_path / "s.sqlite")
     assert restarted.predict("t", queries) == before
     assert restarted.task("t")["threshold"] == 0.3
+    restarted.store.close()
+
+
+def test_an_optimization_learner_serves_its_adapted_weights(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """MAML (a head for 5 classes): a task is ready at exactly 5 classes, a 6th is refused,
+    and after a restart the stored adapted weights predict without a gradient step."""
+    checkpoint = _train("quick/default", tmp_path / "run", "algorithm=maml", "steps=2",
+                        "val_every=2", "val_episodes=2", "test_episodes=2")
+    images = glyph_images(classes=6, shots=2)
+    service = Service(checkpoint, tmp_path / "s.sqlite")
+    service.create_task("t")
+    for c in range(4):
+        assert not service.add_class("t", f"c{c}", [(images[c][0], "image/png")])["ready"]
+    assert "exactly 5 classes" in service.task("t")["reason"]
+    assert service.add_class("t", "c4", [(images[4][0], "image/png")])["ready"]
+    with pytest.raises(ServiceError, match="exactly 5 classes") as refused:
+        service.add_class("t", "c5", [(images[5][0], "image/png")])
+    assert refused.value.status == 409
+    queries = [(images[c][1], "image/png") for c in range(5)]
+    before = service.predict("t", queries)
+    service.store.close()
+    from metalab.algorithms.maml import MAML
+
+    monkeypatch.setattr(MAML, "inner_loop", lambda *a, **k: pytest.fail("adapted again"))
+    restarted = Service(checkpoint, tmp_path / "s.sqlite")
+    assert restarted.predict("t", queries) == before
     restarted.store.close()
 
 
