@@ -205,7 +205,8 @@ def _serve(args: argparse.Namespace) -> None:
     app = create_app(service, token=token, batching=not args.no_batching,
                      max_batch=args.max_batch, max_upload_bytes=int(args.max_upload_mb * 2**20))
     print(f"metalab serve: {service.algorithm.name} from {args.checkpoint} reading "
-          f"{service.inputs.kind}s, {len(service.task_names())} task(s) in {args.store}; "
+          f"{'sentences' if service.inputs.kind == 'text' else 'images'}, "
+          f"{len(service.task_names())} task(s) in {args.store}; "
           f"http://{args.host}:{args.port}/ (API docs at /docs); writes "
           f"{'need the token' if token else 'need no token (local only)'}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -280,6 +280,9 @@ async def _queries(request: Request) -> list[tuple[bytes, str]]:
     elif _kind(request) == "application/json":
         body = await _json(request)
         if "query" in body:
+            if not isinstance(body["query"], str):
+                raise ServiceError("'query' must be a sentence (a string); send several as "
+                                   "'queries': [...].", 422)
             queries = _sentences([body["query"]], "query")
         else:
             queries = _sentences(body.get("queries"), "queries")
