@@ -301,10 +301,21 @@ def test_kill_9_at_20_random_moments_then_resume_gives_the_uninterrupted_weights
     kills, died_holding = 0, []
     flags: tuple[str, ...] = ()
     while kills < 20:
-        process = subprocess.Popen(command(job / "job.yaml", "--out", str(killed), *flags),
-                                   env=environment(), stderr=subprocess.DEVNULL)
-        time.sleep(moments.uniform(0.5, 3.0))  # in start-up, training, saves or validation
-        if process.poll() is not None:  # finished before the kill: start over, kill sooner
+        errors = job / f"stderr-{kills}.txt"
+        with errors.open("w") as stderr:
+            process = subprocess.Popen(command(job / "job.yaml", "--out", str(killed), *flags),
+                                       env=environment(), stderr=stderr)
+        if kills % 4 == 3:  # in start-up
+            time.sleep(moments.uniform(0.05, 0.5))
+        else:  # in training, saves or validation: once it holds the folder, however long
+            deadline = time.time() + 120  # the start-up takes on a loaded machine
+            lock = killed / ".lock"
+            while process.poll() is None and time.time() < deadline and not (
+                    lock.exists() and f"pid {process.pid} " in lock.read_text()):
+                time.sleep(0.02)
+            time.sleep(moments.uniform(0.0, 2.0))
+        if process.poll() is not None:  # ended before the kill: it must have finished well
+            assert process.returncode == 0, errors.read_text()[-2000:]
             break
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
