@@ -21,7 +21,6 @@ import torch
 
 import harness
 from metalab.rl.cheetah import HalfCheetahTasks
-from metalab.rl.episodes import advantages
 from metalab.rl.maml_trpo import MAMLTRPO, adapt
 from metalab.rl.navigation import Navigation2D
 from metalab.rl.policy import init_policy
@@ -44,7 +43,7 @@ def timed_iteration(algo: MAMLTRPO, params: dict, goals: torch.Tensor,
     start = time.perf_counter()
     train = algo.rollout(params, goals, generator)
     start = lap("rollouts", start)
-    train_adv = advantages(train, algo.gamma, algo.gae_lambda)
+    train_adv = algo.advantages(train)
     start = lap("baseline fits", start)
     with torch.enable_grad():
         leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
@@ -53,9 +52,9 @@ def timed_iteration(algo: MAMLTRPO, params: dict, goals: torch.Tensor,
     start = lap("inner step", start)
     valid = algo.rollout(old, goals, generator)
     start = lap("rollouts", start)
-    advantages(valid, algo.gamma, algo.gae_lambda)
+    algo.advantages(valid)
     start = lap("baseline fits", start)
-    trpo_step(algo.surrogate(train, valid, old), params, algo.max_kl, algo.cg_iterations,
+    trpo_step(algo.surrogate(train, train_adv, valid, old), params, algo.max_kl, algo.cg_iterations,
               algo.cg_damping)
     lap("TRPO step", start)
     steps = 2 * train.mask.numel()

@@ -114,10 +114,10 @@ def test_trpo_step_lowers_the_surrogate_within_the_kl_bound() -> None:
     with torch.enable_grad():
         old = {k: v.detach() for k, v in algo.adapted(
             {k: v.clone().requires_grad_() for k, v in params.items()}, train_episodes,
-            create_graph=False).items()}
+            algo.advantages(train_episodes), create_graph=False).items()}
     goals = env.sample_tasks(3, torch.Generator().manual_seed(0), dtype=F64)
     valid = rollout(env, old, goals, 8, generator)
-    surrogate = algo.surrogate(train_episodes, valid, old)
+    surrogate = algo.surrogate(train_episodes, algo.advantages(train_episodes), valid, old)
     result = trpo_step(surrogate, params, max_kl=0.01)
     assert result.step_fraction > 0
     loss_before, kl_before = surrogate({k: v.clone().requires_grad_() for k, v in
@@ -137,11 +137,11 @@ def test_batched_meta_gradient_equals_a_per_task_loop_in_float64() -> None:
     with torch.enable_grad():
         old = {k: v.detach() for k, v in algo.adapted(
             {k: v.clone().requires_grad_() for k, v in params.items()}, train_episodes,
-            create_graph=False).items()}
+            algo.advantages(train_episodes), create_graph=False).items()}
     goals = env.sample_tasks(3, torch.Generator().manual_seed(0), dtype=F64)
     valid = rollout(env, old, goals, 4, torch.Generator().manual_seed(9))
     leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
-    loss, _ = algo.surrogate(train_episodes, valid, old)(leaves)
+    loss, _ = algo.surrogate(train_episodes, algo.advantages(train_episodes), valid, old)(leaves)
     batched = torch.autograd.grad(loss, list(leaves.values()))
 
     train_adv, valid_adv = advantages(train_episodes), advantages(valid)

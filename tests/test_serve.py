@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -546,7 +547,7 @@ def test_concurrent_predictions_are_batched_and_writes_all_land(
             return client.post(f"/tasks/t{i % 4}/classes", headers=AUTH,
                                **upload(images[i][:2], name=f"c{i}")).status_code
 
-        with __import__("concurrent.futures").futures.ThreadPoolExecutor(8) as pool:
+        with ThreadPoolExecutor(8) as pool:
             assert list(pool.map(register, range(8))) == [201] * 8
         for task in range(4):
             classes = client.get(f"/tasks/t{task}").json()["classes"]
@@ -559,7 +560,7 @@ def test_concurrent_predictions_are_batched_and_writes_all_land(
 
         one_by_one = [predict(i) for i in range(32)]
         before = client.get("/health").json()
-        with __import__("concurrent.futures").futures.ThreadPoolExecutor(32) as pool:
+        with ThreadPoolExecutor(32) as pool:
             together = list(pool.map(predict, range(32)))
         after = client.get("/health").json()
         assert together == one_by_one

@@ -205,7 +205,7 @@ def _serve(args: argparse.Namespace) -> None:
     app = create_app(service, token=token, batching=not args.no_batching,
                      max_batch=args.max_batch, max_upload_bytes=int(args.max_upload_mb * 2**20))
     print(f"metalab serve: {service.algorithm.name} from {args.checkpoint} reading "
-          f"{'sentences' if service.inputs.kind == 'text' else 'images'}, "
+          f"{service.inputs.plural}, "
           f"{len(service.task_names())} task(s) in {args.store}; "
           f"http://{args.host}:{args.port}/ (API docs at /docs); writes "
           f"{'need the token' if token else 'need no token (local only)'}", flush=True)

@@ -82,23 +82,29 @@ class MAMLTRPO:
             return own(params, goals, self.trajectories, generator)
         return rollout(self.env, params, goals, self.trajectories, generator)
 
-    def adapted(self, params: Params, episodes: Episodes, create_graph: bool) -> Params:
-        """``params`` after the inner steps on ``episodes`` (the identity when 0 steps)."""
+    def advantages(self, episodes: Episodes) -> Tensor:
+        """GAE advantages of ``episodes`` with this learner's discounts (a baseline fit)."""
+        return advantages(episodes, self.gamma, self.gae_lambda)
+
+    def adapted(self, params: Params, episodes: Episodes, advantage: Tensor,
+                create_graph: bool) -> Params:
+        """``params`` after the inner steps on ``episodes`` with their ``advantage``
+        (the identity when 0 steps)."""
         if self.inner_steps == 0:
             return per_task(params, episodes.observations.shape[0])
-        adv = advantages(episodes, self.gamma, self.gae_lambda)
-        return adapt(params, episodes, adv, self.inner_lr, create_graph)
+        return adapt(params, episodes, advantage, self.inner_lr, create_graph)
 
-    def surrogate(self, train: Episodes, valid: Episodes, old: Params):
-        """``params -> (loss, kl)`` of the outer step, through the inner adaptation."""
-        valid_adv = advantages(valid, self.gamma, self.gae_lambda)
+    def surrogate(self, train: Episodes, train_adv: Tensor, valid: Episodes, old: Params):
+        """``params -> (loss, kl)`` of the outer step, through the inner adaptation on
+        ``train`` (whose advantages are fitted once, not at every call)."""
+        valid_adv = self.advantages(valid)
         observations = valid.flat(valid.observations)
         actions, mask = valid.flat(valid.actions), valid.flat(valid.mask)
         old_logp = log_prob(old, observations, actions).detach()
         count = mask.sum(1)
 
         def loss_and_kl(params: Params) -> tuple[Tensor, Tensor]:
-            adapted = self.adapted(params, train, create_graph=not self.first_order)
+            adapted = self.adapted(params, train, train_adv, not self.first_order)
             ratio = torch.exp(log_prob(adapted, observations, actions) - old_logp)
             loss = -((ratio * valid.flat(valid_adv) * mask).sum(1) / count).mean()
             kl = ((gaussian_kl(old, adapted, observations) * mask).sum(1) / count).mean()
@@ -110,13 +116,14 @@ class MAMLTRPO:
              ) -> tuple[Params, dict[str, float]]:
         """One meta-iteration on ``goals``; the new parameters and what happened."""
         train = self.rollout(params, goals, generator)
+        train_adv = self.advantages(train)
         with torch.enable_grad():
             old = {k: v.detach() for k, v in self.adapted(
-                {k: v.detach().requires_grad_() for k, v in params.items()}, train,
+                {k: v.detach().requires_grad_() for k, v in params.items()}, train, train_adv,
                 create_graph=False).items()}
         valid = self.rollout(old, goals, generator)
-        result: TRPOResult = trpo_step(self.surrogate(train, valid, old), params, self.max_kl,
-                                       self.cg_iterations, self.cg_damping)
+        result: TRPOResult = trpo_step(self.surrogate(train, train_adv, valid, old), params,
+                                       self.max_kl, self.cg_iterations, self.cg_damping)
         return result.params, {
             "return_before": float(train.returns.mean()),
             "return_after": float(valid.returns.mean()),
@@ -134,7 +141,7 @@ class MAMLTRPO:
             returns.append(episodes.returns.mean(1))
             if s < steps:
                 with torch.enable_grad():
-                    adv = advantages(episodes, self.gamma, self.gae_lambda)
+                    adv = self.advantages(episodes)
                     leaves = {k: v.requires_grad_() for k, v in current.items()}
                     current = {k: v.detach() for k, v in adapt(
                         leaves, episodes, adv, self.inner_lr, create_graph=False).items()}

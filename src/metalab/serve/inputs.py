@@ -32,13 +32,17 @@ class InputError(ValueError):
 class TextInputs:
     """Sentences, embedded by ``encoder`` (a name :func:`metalab.text.load_encoder` knows)."""
 
-    kind = "text"
+    kind, plural = "text", "sentences"
 
     def __init__(self, encoder: str) -> None:
         self.encoder = encoder
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "encoder": str(self.encoder)}
+
+    def shown(self, content: bytes) -> dict[str, Any]:
+        """What a listing of examples shows of one: its text."""
+        return {"text": content.decode()}
 
     def load(self) -> None:
         """Load the encoder now, so that the first request does not wait for it."""
@@ -77,7 +81,7 @@ class ImageInputs:
     """Images decoded by :func:`metalab.data.images.read_image` at the model's input size
     (``invert`` as the training data set's images were)."""
 
-    kind = "image"
+    kind, plural = "image", "images"
     FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
 
     def __init__(self, channels: int, size: int, invert: bool = False) -> None:
@@ -85,6 +89,10 @@ class ImageInputs:
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "channels": self.channels, "size": self.size}
+
+    def shown(self, content: bytes) -> dict[str, Any]:
+        """What a listing of examples shows of one: nothing beyond its hash and type."""
+        return {}
 
     def load(self) -> None:
         """Nothing to load: Pillow decodes each image."""

@@ -194,7 +194,7 @@ class Service:
         task_id = self._task_row(task)[0]
         self._class_id(task_id, task, class_name)
         return [{"sha256": e.sha256, "media_type": e.media_type,
-                 **({"text": e.content.decode()} if self.inputs.kind == "text" else {})}
+                 **self.inputs.shown(e.content)}
                 for e in self.store.examples(task_id, class_name=class_name)]
 
     # -- writes -------------------------------------------------------------------------------
