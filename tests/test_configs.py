@@ -44,8 +44,9 @@ def test_builtin_configs_are_small_deltas() -> None:
     root = Path(str(resources.files("metalab") / "configs"))
     lines = [line for path in root.rglob("*.yaml") for line in path.read_text().splitlines()
              if line.strip() and not line.lstrip().startswith("#")]
-    # 1,063 before bases and deltas, 246 after; 304 with movielens/ and ett/ (issue 21)
-    assert len(lines) < 400
+    # 1,063 before bases and deltas, 246 after; 304 with movielens/ and ett/ (issue 21); 402
+    # with rl/ (issue 18)
+    assert len(lines) < 450
 
 
 def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:

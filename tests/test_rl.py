@@ -1,15 +1,29 @@
 """Meta-RL on 2D navigation: the dynamics and reward against a hand computation, the
 policy gradient against finite differences, the TRPO step, the batched MAML-RL meta-gradient
-against a per-task reference in float64, the baseline and advantages, and resume."""
+against a per-task reference in float64, the baseline and advantages, resume, and two
+torchrun processes against one.
+
+Run as ``python -m tests.test_rl OUT`` (under torchrun), this file is that job's worker.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from metalab import distributed
+from metalab.cli import main
+from metalab.compare import run_compare
+from metalab.config import ConfigError, load_config
+from metalab.rl.checks import check_rl_algorithm
 from metalab.rl.episodes import (
     Episodes,
     advantages,
@@ -20,8 +34,9 @@ from metalab.rl.episodes import (
 from metalab.rl.maml_trpo import MAMLTRPO, adapt, vpg_loss
 from metalab.rl.navigation import Navigation2D
 from metalab.rl.policy import gaussian_kl, init_policy, log_prob
-from metalab.rl.study import train
+from metalab.rl.study import draw_paths, train
 from metalab.rl.trpo import conjugate_gradient, trpo_step
+from metalab.tasks import task_generator
 
 F64 = torch.float64
 
@@ -40,7 +55,8 @@ def test_navigation_dynamics_and_reward_by_hand() -> None:
     goals = torch.tensor([[0.3, -0.2]])
     start = env.reset(goals, 2)
     assert start.shape == (1, 2, 2) and not start.any()
-    actions = torch.tensor([[[0.5, -0.05], [0.02, 0.03]]])  # the first is clipped to 0.1
+    # the policy acts in [-1, 1] (clipped), scaled to velocities of at most 0.1
+    actions = torch.tensor([[[5.0, -0.5], [0.2, 0.3]]])
     moved, reward, done = env.step(start, actions, goals)
     assert torch.allclose(moved, torch.tensor([[[0.1, -0.05], [0.02, 0.03]]]))
     assert reward[0, 0].item() == pytest.approx(-math.hypot(0.3 - 0.1, -0.2 + 0.05), rel=1e-6)
@@ -55,7 +71,7 @@ def test_navigation_dynamics_and_reward_by_hand() -> None:
 def test_an_episode_ends_at_the_goal_and_earns_nothing_after() -> None:
     env = Navigation2D(horizon=5)
     goals = torch.tensor([[0.1, 0.0]])
-    params = {"w0": torch.zeros(2, 2), "b0": torch.tensor([0.05, 0.0]),
+    params = {"w0": torch.zeros(2, 2), "b0": torch.tensor([0.5, 0.0]),
               "log_std": torch.full((2,), -30.0)}  # moves (0.05, 0) every step
     episodes = rollout(env, params, goals, 1, torch.Generator().manual_seed(0))
     assert episodes.mask[0, :, 0].tolist() == [1, 1, 0, 0, 0]
@@ -189,6 +205,135 @@ def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
         assert torch.equal(whole[name], resumed[name]), name
 
 
+def test_a_tasks_rollouts_do_not_depend_on_the_other_tasks_of_its_batch() -> None:
+    """With one generator per task, task 1 of a batch of three rolls out exactly as when
+    alone: what lets processes split a meta-batch's tasks."""
+    env = Navigation2D(horizon=15)
+    params = init_policy(2, 2, (8,), torch.Generator().manual_seed(0))
+    goals = env.sample_tasks(3, torch.Generator().manual_seed(1))
+    batch = rollout(env, params, goals, 4, [task_generator(5, 2, i) for i in range(3)])
+    alone = rollout(env, params, goals[1:2], 4, [task_generator(5, 2, 1)])
+    assert torch.equal(batch.actions[1:2], alone.actions)
+    assert torch.equal(batch.rewards[1:2], alone.rewards)
+    assert not torch.equal(batch.actions[0], batch.actions[1])
+    with pytest.raises(ValueError, match="one per task"):
+        rollout(env, params, goals, 4, [task_generator(5, 2, 0)])
+
+
+# A tiny MAML-TRPO run: 3 tasks per meta-batch, shares of 2 and 1 on two processes.
+TINY = {"seed": 4, "meta_batch": 3, "save_every": 1, "hidden": (8,), "progress": False}
+
+
+def _tiny_algo() -> MAMLTRPO:
+    return MAMLTRPO(Navigation2D(horizon=12), trajectories=3, inner_lr=0.5)
+
+
+def test_two_processes_train_like_one(tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2`` of :func:`train` (this file as the worker) ends with
+    the parameters and history of one process, to float tolerance."""
+    root = Path(__file__).resolve().parents[1]
+    job = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "tests.test_rl", str(tmp_path / "two")], cwd=root, capture_output=True,
+        text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert job.returncode == 0, job.stdout + job.stderr
+    one, history = train(tmp_path / "one", _tiny_algo(), 3, 1e9, **TINY)
+    two = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
+    assert len(two["history"]) == 3
+    for name, value in one.items():
+        torch.testing.assert_close(two["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for mine, theirs in zip(history, two["history"], strict=True):
+        for key in ("return_before", "return_after", "kl", "step_fraction"):
+            assert theirs[key] == pytest.approx(mine[key], rel=1e-4, abs=1e-6), key
+
+
+def test_draw_paths_pictures_the_test_goals(tmp_path: Path) -> None:
+    algo = MAMLTRPO(Navigation2D(horizon=10), trajectories=3)
+    params = init_policy(2, 2, (8,), torch.Generator().manual_seed(0))
+    written = draw_paths(algo, params, tmp_path / "paths")
+    assert [p.suffix for p in written] == [".png", ".svg"]
+    assert all(p.stat().st_size > 10_000 for p in written)
+
+
+TINY_CONFIG = """kind: rl
+env: navigation
+algorithm: maml-trpo
+hidden: [8]
+meta_batch: 2
+trajectories: 2
+iterations: 2
+eval_steps: 1
+"""
+
+
+def test_metalab_train_resume_and_evaluate_an_rl_config(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_CONFIG)
+    out = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(out), "--quiet"]) == 0
+    test = json.loads((out / "test.json").read_text())
+    assert test["iterations"] == 2 and len(test["returns"]) == 2
+    assert test["env_steps"] == 2 * 2 * 2 * 2 * 100  # iterations x rollouts x tasks x episodes
+    assert "maml-trpo on navigation's fixed test goals" in capsys.readouterr().out
+    # a folder holding a run is never clobbered; --resume continues it
+    assert main(["train", str(config), "--out", str(out), "--quiet"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", str(config), "--out", str(out), "--quiet", "--resume",
+                 "--set", "iterations=3"]) == 0
+    resumed = torch.load(out / "last.pt", weights_only=True)
+    assert len(resumed["history"]) == 3 and resumed["config"]["iterations"] == 3
+    assert main(["evaluate", str(out / "last.pt"), "--inner-steps", "2", "--json",
+                 str(tmp_path / "e.json")]) == 0
+    returns = json.loads((tmp_path / "e.json").read_text())["returns"]
+    assert len(returns) == 3 and returns[0] == json.loads(
+        (out / "test.json").read_text())["returns"][0]  # the same fixed goals and rollouts
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("algorithm: rl2\nenv: halfcheetah-dir\n", "rl2 is built for 2D navigation"),
+    ("goals: 3\n", "unknown key 'goals'; valid keys: kind, env, algorithm"),
+    ("inner_lr: 0\n", "inner_lr: Input should be greater than 0"),
+    ("env: ant\n", "env: Input should be 'navigation', 'halfcheetah-dir' or"),
+])
+def test_bad_rl_configs_are_clear_errors(text: str, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("kind: rl\n" + text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path)
+
+
+def test_compare_nav2d_scores_every_method_on_the_same_goals(tmp_path: Path) -> None:
+    """One meta-iteration of each built-in config: a row per method with its score after
+    two steps, its training and parameters, and the figures."""
+    comparison = run_compare("nav2d", steps=1, out=tmp_path, progress=False)
+    rows = {row.algorithm: row for row in comparison.rows}
+    assert list(rows) == ["maml-trpo", "pretrained", "random init", "rl2"]
+    assert {r.family for r in rows.values()} == {"optimization", "baseline", "model"}
+    assert rows["maml-trpo"].train_steps == 1 and rows["random init"].train_steps == 0
+    assert rows["maml-trpo"].parameters == 2 * 100 + 100 + 100 * 100 + 100 + 100 * 2 + 2 + 2
+    for row in rows.values():
+        assert -110 < row.mean < 0 and row.ci95 > 0 and row.adapt_ms > 0
+    for name in ("returns.png", "paths.png", "table.md", "score_vs_latency.png"):
+        assert (tmp_path / "nav2d" / name).stat().st_size > 0, name
+    assert not (tmp_path / "nav2d" / "learning_curves.png").exists()  # no validation logged
+
+
+@pytest.mark.parametrize("algorithm", ["maml-trpo", "pretrained", "rl2"])
+def test_every_rl_algorithm_passes_the_common_checks(algorithm: str, tmp_path: Path) -> None:
+    check_rl_algorithm(algorithm, tmp_path)
+
+
+def test_the_common_checks_catch_a_run_that_ignores_its_seed(tmp_path: Path,
+                                                             monkeypatch) -> None:
+    from metalab.rl import study
+
+    calls = iter(range(100))
+    monkeypatch.setattr(study, "step_generator",
+                        lambda seed, step: torch.Generator().manual_seed(next(calls)))
+    with pytest.raises(AssertionError, match="the same seed gave"):
+        check_rl_algorithm("maml-trpo", tmp_path)
+
+
 def test_maml_trpo_learns_navigation_in_a_few_iterations() -> None:
     """Eight meta-iterations on short episodes raise the return after one step above the
     untrained policy's, on fixed test goals."""
@@ -228,7 +373,9 @@ def test_rl2_trials_keep_the_hidden_state_across_episodes_and_freeze_it_after_th
     before = [p.detach().clone() for p in policy.parameters()]
     optimizer = torch.optim.Adam(policy.parameters(), lr=1e-2)
     metrics = learner.step(policy, optimizer, goals, torch.Generator().manual_seed(1))
-    assert set(metrics) == {"return_episode_1", "return_episode_2", "return_episode_3"}
+    assert set(metrics) == {"return_episode_1", "return_episode_2", "return_episode_3",
+                            "env_steps"}
+    assert metrics["env_steps"] == 3 * 1 + 3 * 6  # 3 episodes; the reached goal: 1 step each
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters(), strict=True))
 
 
@@ -261,12 +408,12 @@ def test_halfcheetah_rewards_follow_the_simulators_velocity(goal: str) -> None:
     assert episodes.mask.all()
     import gymnasium
 
-    # replay each episode in its own simulator (SyncVectorEnv seeds env i with seed + i)
-    first = int(torch.randint(0, 2**31 - 1, (1,), generator=seed))
+    # replay each episode in its own simulator, from the seed the rollout drew for it
+    seeds = torch.randint(0, 2**31 - 1, (2, 2), generator=seed).flatten().tolist()
     for i in range(4):
         task, trajectory = divmod(i, 2)
         single = gymnasium.make("HalfCheetah-v5")
-        single.reset(seed=first + i)
+        single.reset(seed=seeds[i])
         for t in range(5):
             applied = episodes.actions[task, t, trajectory].clamp(-1, 1)
             _, _, _, _, info = single.step(applied.numpy())
@@ -280,3 +427,8 @@ def test_halfcheetah_rewards_follow_the_simulators_velocity(goal: str) -> None:
     control = 0.05 * 6 * 4.0
     expected = (0.7 - control if goal == "direction" else -abs(0.7 - 0.5) - control)
     assert reward.item() == pytest.approx(expected)
+
+
+if __name__ == "__main__":  # the worker of test_two_processes_train_like_one
+    with distributed.process_group(torch.device("cpu")):
+        train(Path(sys.argv[1]), _tiny_algo(), 3, 1e9, **TINY)

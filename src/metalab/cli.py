@@ -16,6 +16,7 @@ from metalab import __version__
 if TYPE_CHECKING:
     from metalab.config import Config
     from metalab.evaluate import EvalResult
+    from metalab.rl.run import RLConfig
 
 EPILOG_CONFIGS = ("A config file sets keys of the run (algorithm, dataset, n_way, lr, ...); "
                   "'base: NAME' starts from another config (a built-in name or a path "
@@ -29,13 +30,30 @@ def _train(args: argparse.Namespace) -> None:
     processes form a group for the training (see metalab.distributed); rank 0 alone prints,
     writes and scores the test split."""
     from metalab import distributed
-    from metalab.config import load_config
+    from metalab.config import Config, load_config
     from metalab.distributed import resolve_device
 
     overrides = list(args.set) + ([f"out={args.out}"] if args.out else [])
     config = load_config(args.config, overrides)
+    if not isinstance(config, Config):  # kind: rl
+        with distributed.process_group(torch.device("cpu")):
+            _train_rl(args, config)
+        return
     with distributed.process_group(resolve_device(config.device)):
         _train_in_group(args, config)
+
+
+def _train_rl(args: argparse.Namespace, config: RLConfig) -> None:
+    from metalab.rl.run import format_returns, train_run
+
+    record = train_run(config, resume=args.resume, overwrite=args.overwrite,
+                       progress=not args.quiet)
+    if record is not None:  # rank 0
+        print(f"trained {record['iterations']} iterations in {record['train_minutes']:.1f} "
+              f"min ({record['env_steps']:,.0f} environment steps)")
+        for group, returns in record["by_group"].items():
+            print(f"test ({group} on {config.env}'s fixed test goals, last.pt): "
+                  f"{format_returns(returns)}")
 
 
 def _train_in_group(args: argparse.Namespace, config: Config) -> None:
@@ -80,8 +98,12 @@ def _write_json(path: Path, record: dict) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    from metalab.rl.run import is_rl_checkpoint
     from metalab.runs import score_checkpoint
 
+    if is_rl_checkpoint(args.checkpoint):
+        _evaluate_rl(args)
+        return
     overrides = {key: value for key, value in (
         ("test_n_way", args.n_way), ("test_k_shot", args.k_shot),
         ("test_q_query", args.q_query), ("test_split", args.split),
@@ -97,6 +119,16 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.json:
         record = _result_record(config, result)
         record["batch_norm"] = "transductive" if args.transductive_bn else "as trained"
+        _write_json(Path(args.json), record)
+
+
+def _evaluate_rl(args: argparse.Namespace) -> None:
+    from metalab.rl.run import evaluate_run, format_returns
+
+    record = evaluate_run(Path(args.checkpoint), eval_steps=args.inner_steps)
+    for group, returns in record["by_group"].items():
+        print(f"{group}: {format_returns(returns)}")
+    if args.json:
         _write_json(Path(args.json), record)
 
 
@@ -278,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("evaluate", help="accuracy (or MSE) ± 95%% CI on fixed test episodes")
-    ev.add_argument("checkpoint", help="a best.pt or last.pt written by 'metalab train'")
+    ev.add_argument("checkpoint", help="a best.pt or last.pt written by 'metalab train' (a "
+                    "meta-RL run's last.pt: returns ± 95%% CI on 40 fixed test goals)")
     ev.add_argument("--episodes", type=int, default=600, help="number of test episodes (600)")
     ev.add_argument("--seed", type=int, default=1, help="seed of the fixed episodes (1)")
     ev.add_argument("--n-way", type=int, help="classes per test episode (default: config's)")
@@ -289,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: config's)")
     ev.add_argument("--inner-steps", type=int,
                     help="gradient steps when adapting (optimization family; default: the "
-                    "config's test_inner_steps)")
+                    "config's test_inner_steps; a meta-RL run: returns after 0..N steps, "
+                    "default its eval_steps)")
     ev.add_argument("--transductive-bn", action="store_true",
                     help="BatchNorm normalises each batch with its own statistics (the support "
                     "set, then a task's queries together: the MAML convention, transductive) "

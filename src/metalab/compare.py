@@ -105,9 +105,10 @@ def suite_parts(suite: str) -> list[str]:
 def _protocols() -> dict[str, Callable[..., list[Row]]]:
     """Suites that run a protocol of their own rather than fixed episodes of config parts:
     name -> function(algorithms, steps, budget, out, fresh, progress) returning rows."""
+    from metalab.rl.run import nav2d
     from metalab.studies.intents import PROTOCOLS
 
-    return PROTOCOLS
+    return {**PROTOCOLS, "nav2d": nav2d}
 
 
 def part_config(pattern: str, algorithm: str) -> Config:

@@ -9,9 +9,11 @@ the file's keys override it, option mappings (``algorithm_options``, ...) key by
     algorithm: fomaml
 
 ``out`` is not inherited: it defaults to ``runs/<config name>``. ``--set key=value`` overrides
-are applied last. Values are parsed as YAML 1.2 numbers (``1e-3`` is a number), checked for
-type and range by a pydantic schema, and the result is frozen: a bad value is an error that
-names the key and the file before anything trains.
+are applied last. A file that says ``kind: rl`` is a meta-reinforcement-learning run, checked
+against :class:`metalab.rl.run.RLConfig` instead of :class:`Config`. Values are parsed as
+YAML 1.2 numbers (``1e-3`` is a number), checked for type and range by a pydantic schema,
+and the result is frozen: a bad value is an error that names the key and the file before
+anything trains.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import re
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import (
@@ -33,7 +35,10 @@ from pydantic import (
     field_validator,
 )
 
-__all__ = ["Config", "ConfigError", "apply_overrides", "builtin_configs", "find_config",
+if TYPE_CHECKING:
+    from metalab.rl.run import RLConfig
+
+__all__ = ["Config", "ConfigError", "Schema", "apply_overrides", "builtin_configs", "find_config",
            "load_config", "read_config"]
 
 Positive = Annotated[int, Field(ge=1)]
@@ -44,7 +49,30 @@ class ConfigError(ValueError):
     """A config that cannot be read or does not validate; the message names file and key."""
 
 
-class Config(BaseModel):
+class Schema(BaseModel):
+    """A frozen, validated run configuration: unknown keys and non-finite numbers are
+    errors that name the key and the file."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True,
+                              allow_inf_nan=False)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> Self:
+        """Build and validate from a mapping; any error names ``source`` and the key."""
+        try:
+            return cls.model_validate(values)
+        except ValidationError as error:
+            raise ConfigError(_explain(error, source, cls)) from None
+
+    def replace(self, **changes: Any) -> Self:
+        """A validated copy with ``changes`` applied."""
+        return self.from_dict({**self.to_dict(), **changes}, source="replace()")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class Config(Schema):
     """Everything that defines a training run. Defaults: ProtoNet on the embedded glyphs.
 
     Training episodes are ``n_way``-way ``k_shot``-shot with ``q_query`` queries per class,
@@ -55,9 +83,6 @@ class Config(BaseModel):
     al. 2017 trained their published Omniglot models so). Frozen: :meth:`replace` returns a
     changed, validated copy.
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True,
-                              allow_inf_nan=False)
 
     algorithm: str = "protonet"
     algorithm_options: dict[str, Any] = Field(default_factory=dict)
@@ -113,21 +138,6 @@ class Config(BaseModel):
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return device
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> Config:
-        """Build and validate from a mapping; any error names ``source`` and the key."""
-        try:
-            return cls.model_validate(values)
-        except ValidationError as error:
-            raise ConfigError(_explain(error, source)) from None
-
-    def replace(self, **changes: Any) -> Config:
-        """A validated copy with ``changes`` applied."""
-        return Config.from_dict({**self.to_dict(), **changes}, source="replace()")
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump()
-
 
 def _registries() -> dict[str, Iterable[str]]:
     """The registries that name algorithms, backbones and data sets (imported when needed:
@@ -139,13 +149,13 @@ def _registries() -> dict[str, Iterable[str]]:
     return {"algorithm": ALGORITHMS, "backbone": BACKBONES, "dataset": DATASETS}
 
 
-def _explain(error: ValidationError, source: str) -> str:
+def _explain(error: ValidationError, source: str, schema: type[BaseModel]) -> str:
     """One line per invalid key: the key, what is wrong, the value given."""
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(config)"
         if item["type"] == "extra_forbidden":
-            names = ", ".join(Config.model_fields)
+            names = ", ".join(schema.model_fields)
             lines.append(f"unknown key {key!r}; valid keys: {names}")
             continue
         message = item["msg"].removeprefix("Value error, ")
@@ -255,9 +265,11 @@ def read_config(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     return _merge(inherited, values)
 
 
-def load_config(name: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+def load_config(name: str | os.PathLike, overrides: list[str] | None = None,
+                ) -> Config | RLConfig:
     """Read a config (path or built-in name), resolve its bases, apply ``--set`` overrides
-    and validate. ``out`` defaults to ``runs/<config name>``."""
+    and validate: a :class:`Config`, or an ``RLConfig`` for ``kind: rl``. ``out`` defaults to
+    ``runs/<config name>``."""
     path = find_config(str(name))
     values = read_config(path)
     root = _configs_root()
@@ -265,4 +277,9 @@ def load_config(name: str | os.PathLike, overrides: list[str] | None = None) -> 
              else path.stem)
     values.setdefault("out", f"runs/{label}")
     source = str(path) + (f" with --set {' '.join(overrides)}" if overrides else "")
-    return Config.from_dict(apply_overrides(values, overrides or []), source=source)
+    values = apply_overrides(values, overrides or [])
+    if values.get("kind") == "rl":
+        from metalab.rl.run import RLConfig
+
+        return RLConfig.from_dict(values, source=source)
+    return Config.from_dict(values, source=source)

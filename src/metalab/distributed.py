@@ -189,6 +189,16 @@ def weighted_sum_(tensors: Sequence[Tensor], weight: float) -> None:
         offset += t.numel()
 
 
+def all_sum(tensor: Tensor) -> Tensor:
+    """The sum of ``tensor`` over the ranks (every rank gets the same values); ``tensor``
+    itself without a process group."""
+    if not active():
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total)
+    return total
+
+
 def broadcast_tensors_(tensors: Sequence[Tensor], src: int = 0) -> None:
     """Copy rank ``src``'s values of ``tensors`` to every rank, in one collective."""
     if not active() or not tensors:

@@ -25,8 +25,10 @@ __all__ = [
     "CLASSIFICATION",
     "KINDS",
     "REGRESSION",
+    "REINFORCEMENT",
     "Classification",
     "Regression",
+    "Reinforcement",
     "TaskKind",
     "get_kind",
     "register_kind",
@@ -176,6 +178,24 @@ class Regression(TaskKind):
         return self.query_losses(output, target)
 
 
+class Reinforcement(TaskKind):
+    """Reinforcement learning: a task is an environment (a goal, a target velocity), and a
+    policy is scored by the mean undiscounted return of its episodes. Its losses come from
+    rollouts (:mod:`metalab.rl`), not from predictions against targets."""
+
+    name = "reinforcement"
+    metric = "return"
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        raise TypeError("reinforcement-learning tasks have no targets: their losses come "
+                        "from rollouts (metalab.rl), not from predictions.")
+
+    score = loss
+
+    def format(self, mean: float, ci95: float) -> str:
+        return f"{mean:.2f} ± {ci95:.2f}"
+
+
 KINDS: dict[str, TaskKind] = {}
 
 
@@ -202,3 +222,4 @@ def get_kind(kind: str | TaskKind) -> TaskKind:
 
 CLASSIFICATION = register_kind(Classification())
 REGRESSION = register_kind(Regression())
+REINFORCEMENT = register_kind(Reinforcement())

@@ -5,7 +5,8 @@
 * :func:`learning_curves`: validation score against meta-training time, from each run's
   ``log.jsonl``.
 * :func:`curves`: a study's curves (score against shots, or against the fraction of
-  meta-train classes), one panel per kind of task.
+  meta-train classes, or return against adaptation steps), one panel per kind of task.
+* :func:`paths_to_goals`: 2D trajectories towards goals, before and after adaptation.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class Row(Protocol):
     adapt_ms: float
     run_dir: str
 
-__all__ = ["curves", "learning_curves", "score_vs_latency"]
+__all__ = ["curves", "learning_curves", "paths_to_goals", "score_vs_latency"]
 
 FAMILY_COLOURS = {"metric": "tab:blue", "optimization": "tab:orange", "model": "tab:green",
                   "baseline": "tab:gray"}
@@ -141,7 +142,10 @@ def _validation_curve(run_dir: Path) -> tuple[list[float], list[float], str]:
 
 
 def learning_curves(rows: Sequence[Row], stem: Path) -> list[Path]:
-    """Validation score against meta-training time for every row's run."""
+    """Validation score against meta-training time for every row's run (nothing when no
+    run logged a validation score)."""
+    if not any(_validation_curve(Path(row.run_dir))[0] for row in rows):
+        return []
     tasks = _by_task(rows)
     fig, axes = _panels(len(tasks))
     for ax, (task, task_rows) in zip(axes, tasks.items(), strict=True):
@@ -182,4 +186,28 @@ def curves(
         ax.set_title(task)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the lines
+    return _save(fig, stem)
+
+
+def paths_to_goals(goals: Sequence[tuple[float, float]],
+                   paths: dict[str, list[list[list[tuple[float, float]]]]], stem: Path,
+                   limit: float = 0.6) -> list[Path]:
+    """One panel per goal: ``paths[stage][goal]`` is a list of trajectories (each a list of
+    positions from the start) drawn in the stage's colour; the goal is a star."""
+    fig, axes = _panels(len(goals), width=3.6)
+    for g, (ax, goal) in enumerate(zip(axes, goals, strict=True)):
+        for i, (stage, by_goal) in enumerate(paths.items()):
+            colour = LINE_COLOURS[i % len(LINE_COLOURS)]
+            for n, trajectory in enumerate(by_goal[g]):
+                x, y = zip(*trajectory, strict=True)
+                ax.plot(x, y, color=colour, alpha=0.7, lw=1,
+                        label=stage if n == 0 else None)
+        ax.plot(*goal, marker="*", color="black", markersize=12, linestyle="", label="goal")
+        ax.plot(0, 0, marker="o", color="black", markersize=4, linestyle="")
+        ax.set_xlim(-limit, limit)
+        ax.set_ylim(-limit, limit)
+        ax.set_aspect("equal")
+        ax.grid(alpha=0.3)
+        ax.set_title(f"goal ({goal[0]:.2f}, {goal[1]:.2f})", fontsize=9)
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(fig, stem)

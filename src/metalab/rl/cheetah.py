@@ -15,6 +15,10 @@ a 40 µs physics step).
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +27,7 @@ import torch
 from torch import Tensor
 
 from metalab.rl.episodes import Episodes
-from metalab.rl.policy import Params, sample_action
+from metalab.rl.policy import Generators, Params, per_task_draw, sample_action
 
 __all__ = ["INSTALL_HINT", "HalfCheetahTasks"]
 
@@ -37,6 +41,22 @@ def _gymnasium() -> Any:
     except ImportError as error:
         raise ImportError(f"HalfCheetah tasks need MuJoCo: {INSTALL_HINT}.") from error
     return gymnasium
+
+
+@contextmanager
+def _muted_native_stderr() -> Iterator[None]:
+    """Silence what C code writes to file descriptor 2 inside the block. MuJoCo's XML compiler
+    warns that HalfCheetah's model uses a deprecated attribute once per simulator built, which
+    is 800 identical lines for a meta-batch; Python's own errors still raise as usual."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 @dataclass
@@ -69,17 +89,20 @@ class HalfCheetahTasks:
     def _vector(self, size: int) -> Any:
         if size not in self._envs:
             gym = _gymnasium()
-            self._envs[size] = gym.vector.SyncVectorEnv(
-                [lambda: gym.make("HalfCheetah-v5") for _ in range(size)])
+            with _muted_native_stderr():
+                self._envs[size] = gym.vector.SyncVectorEnv(
+                    [lambda: gym.make("HalfCheetah-v5") for _ in range(size)])
         return self._envs[size]
 
     def rollout(self, params: Params, goals: Tensor, trajectories: int,
-                generator: torch.Generator) -> Episodes:
-        """``trajectories`` episodes per goal with ``params`` (shared or one set per task)."""
+                generator: Generators) -> Episodes:
+        """``trajectories`` episodes per goal with ``params`` (shared or one set per task);
+        every simulator starts from its own seed, drawn from its task's generator."""
         tasks = len(goals)
         envs = self._vector(tasks * trajectories)
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        observations, _ = envs.reset(seed=seed)
+        seeds = per_task_draw(lambda shape, generator: torch.randint(
+            0, 2**31 - 1, shape, generator=generator), (tasks, trajectories), generator)
+        observations, _ = envs.reset(seed=seeds.flatten().tolist())
         low, high = envs.single_action_space.low, envs.single_action_space.high
         dtype = params["log_std"].dtype
         steps: dict[str, list[Tensor]] = {"obs": [], "act": [], "rew": []}

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from metalab.rl.navigation import Navigation2D
-from metalab.rl.policy import Params, sample_action
+from metalab.rl.policy import Generators, Params, sample_action
 
 __all__ = ["Episodes", "advantages", "discounted_returns", "linear_baseline", "rollout"]
 
@@ -38,7 +38,7 @@ class Episodes:
 
 
 def rollout(env: Navigation2D, params: Params, goals: Tensor, trajectories: int,
-            generator: torch.Generator) -> Episodes:
+            generator: Generators) -> Episodes:
     """``trajectories`` episodes per goal with ``params`` (shared, or one set per task)."""
     positions = env.reset(goals, trajectories)
     alive = torch.ones(positions.shape[:2], dtype=positions.dtype)

@@ -12,6 +12,10 @@ One meta-iteration on tasks ``i = 1..T``:
 
 ``inner_steps = 0`` trains the policy on all tasks without adaptation (the paper's
 "pretrained" baseline); ``first_order`` drops the second-order terms.
+
+Under torchrun each process holds a share of the meta-batch's tasks (each task with its own
+random generator) and the TRPO step adds the shares up (:mod:`metalab.rl.trpo`): the processes
+take the step of one process holding every task, to float tolerance.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from metalab import distributed
 from metalab.rl.cheetah import HalfCheetahTasks
 from metalab.rl.episodes import Episodes, advantages, rollout
 from metalab.rl.navigation import Navigation2D
-from metalab.rl.policy import Params, gaussian_kl, log_prob
+from metalab.rl.policy import Generators, Params, gaussian_kl, log_prob
 from metalab.rl.trpo import TRPOResult, trpo_step
 
 __all__ = ["MAMLTRPO", "adapt", "per_task", "vpg_loss"]
@@ -73,8 +78,11 @@ class MAMLTRPO:
     max_kl: float = 0.01
     cg_iterations: int = 10
     cg_damping: float = 1e-5
+    # evaluation steps after the first use inner_lr * later_lr_scale: the paper halves it
+    # ("halving the learning rate after the first gradient step produced superior performance")
+    later_lr_scale: float = 0.5
 
-    def rollout(self, params: Params, goals: Tensor, generator: torch.Generator) -> Episodes:
+    def rollout(self, params: Params, goals: Tensor, generator: Generators) -> Episodes:
         """Episodes of every goal: the environment's own rollout if it has one (simulators
         that keep their state), else the tensor dynamics' (:func:`~metalab.rl.episodes.rollout`)."""
         own = getattr(self.env, "rollout", None)
@@ -94,9 +102,13 @@ class MAMLTRPO:
             return per_task(params, episodes.observations.shape[0])
         return adapt(params, episodes, advantage, self.inner_lr, create_graph)
 
-    def surrogate(self, train: Episodes, train_adv: Tensor, valid: Episodes, old: Params):
+    def surrogate(self, train: Episodes, train_adv: Tensor, valid: Episodes, old: Params,
+                  tasks: int | None = None):
         """``params -> (loss, kl)`` of the outer step, through the inner adaptation on
-        ``train`` (whose advantages are fitted once, not at every call)."""
+        ``train`` (whose advantages are fitted once, not at every call): sums over these
+        episodes' tasks divided by ``tasks``, the whole meta-batch's count (default: these
+        tasks alone, i.e. means)."""
+        tasks = tasks or train.observations.shape[0]
         valid_adv = self.advantages(valid)
         observations = valid.flat(valid.observations)
         actions, mask = valid.flat(valid.actions), valid.flat(valid.mask)
@@ -106,15 +118,18 @@ class MAMLTRPO:
         def loss_and_kl(params: Params) -> tuple[Tensor, Tensor]:
             adapted = self.adapted(params, train, train_adv, not self.first_order)
             ratio = torch.exp(log_prob(adapted, observations, actions) - old_logp)
-            loss = -((ratio * valid.flat(valid_adv) * mask).sum(1) / count).mean()
-            kl = ((gaussian_kl(old, adapted, observations) * mask).sum(1) / count).mean()
+            loss = -((ratio * valid.flat(valid_adv) * mask).sum(1) / count).sum() / tasks
+            kl = ((gaussian_kl(old, adapted, observations) * mask).sum(1) / count).sum() / tasks
             return loss, kl
 
         return loss_and_kl
 
-    def step(self, params: Params, goals: Tensor, generator: torch.Generator
-             ) -> tuple[Params, dict[str, float]]:
-        """One meta-iteration on ``goals``; the new parameters and what happened."""
+    def step(self, params: Params, goals: Tensor, generator: Generators,
+             tasks: int | None = None) -> tuple[Params, dict[str, float]]:
+        """One meta-iteration on ``goals``; the new parameters and what happened (means over
+        the meta-batch). Under torchrun ``goals`` are this process's share of the
+        meta-batch's ``tasks`` tasks."""
+        tasks = tasks or len(goals)
         train = self.rollout(params, goals, generator)
         train_adv = self.advantages(train)
         with torch.enable_grad():
@@ -122,27 +137,40 @@ class MAMLTRPO:
                 {k: v.detach().requires_grad_() for k, v in params.items()}, train, train_adv,
                 create_graph=False).items()}
         valid = self.rollout(old, goals, generator)
-        result: TRPOResult = trpo_step(self.surrogate(train, train_adv, valid, old), params,
-                                       self.max_kl, self.cg_iterations, self.cg_damping)
+        result: TRPOResult = trpo_step(
+            self.surrogate(train, train_adv, valid, old, tasks), params, self.max_kl,
+            self.cg_iterations, self.cg_damping, reduce=distributed.all_sum)
+        before, after, env_steps = distributed.all_sum(torch.stack(
+            [train.returns.mean(1).sum() / tasks, valid.returns.mean(1).sum() / tasks,
+             train.mask.sum() + valid.mask.sum()])).tolist()
         return result.params, {
-            "return_before": float(train.returns.mean()),
-            "return_after": float(valid.returns.mean()),
+            "return_before": before, "return_after": after, "env_steps": env_steps,
             "surrogate_before": result.loss_before, "surrogate_after": result.loss_after,
             "kl": result.kl, "step_fraction": result.step_fraction}
 
-    def evaluate(self, params: Params, goals: Tensor, steps: int, generator: torch.Generator
-                 ) -> Tensor:
-        """Mean return per task ``[steps + 1, T]`` after 0..``steps`` VPG steps, each step on
-        fresh rollouts of the current policy (how the paper reports adaptation)."""
+    def adaptation(self, params: Params, goals: Tensor, steps: int, generator: Generators,
+                   final_rollout: bool = True) -> tuple[Params, list[Episodes]]:
+        """Every goal's parameters after ``steps`` VPG steps, each on fresh rollouts of the
+        current policy (how the paper reports adaptation), of step size ``inner_lr`` then
+        ``inner_lr * later_lr_scale``; and the episodes of each step (then of the adapted
+        policy, unless not ``final_rollout``)."""
         current = per_task({k: v.detach() for k, v in params.items()}, len(goals))
-        returns = []
-        for s in range(steps + 1):
-            episodes = self.rollout(current, goals, generator)
-            returns.append(episodes.returns.mean(1))
-            if s < steps:
-                with torch.enable_grad():
-                    adv = self.advantages(episodes)
-                    leaves = {k: v.requires_grad_() for k, v in current.items()}
-                    current = {k: v.detach() for k, v in adapt(
-                        leaves, episodes, adv, self.inner_lr, create_graph=False).items()}
-        return torch.stack(returns)
+        rounds = []
+        for s in range(steps):
+            rounds.append(self.rollout(current, goals, generator))
+            with torch.enable_grad():
+                adv = self.advantages(rounds[-1])
+                leaves = {k: v.requires_grad_() for k, v in current.items()}
+                lr = self.inner_lr * (1 if s == 0 else self.later_lr_scale)
+                current = {k: v.detach() for k, v in adapt(
+                    leaves, rounds[-1], adv, lr, create_graph=False).items()}
+        if final_rollout:
+            rounds.append(self.rollout(current, goals, generator))
+        return current, rounds
+
+    def evaluate(self, params: Params, goals: Tensor, steps: int, generator: Generators
+                 ) -> Tensor:
+        """Mean return per task ``[steps + 1, T]`` after 0..``steps`` steps of
+        :meth:`adaptation`."""
+        _, rounds = self.adaptation(params, goals, steps, generator)
+        return torch.stack([episodes.returns.mean(1) for episodes in rounds])

@@ -1,12 +1,16 @@
 """2D navigation (Finn et al. 2017, section 5.3), vectorised over tasks and trajectories.
 
-A point robot starts at the origin; a task is a goal drawn uniformly from [-0.5, 0.5]^2. An
-action is a velocity, clipped to [-0.1, 0.1] per axis; the reward is the negative *Euclidean*
-distance to the goal after the move, and an episode ends after 100 steps or once the robot is
-within 0.01 of the goal on both axes. This is the environment of the code behind the paper's
-numbers (cbfinn/maml_rl's ``point_env_randgoal``, as ported by pytorch-maml-rl): the paper's
-text says "squared distance", but its published returns (about -40 before adaptation) only
-match the plain distance.
+A point robot starts at the origin; a task is a goal drawn uniformly from [-0.5, 0.5]^2. The
+policy's action is clipped to [-1, 1] per axis and scaled to a velocity of at most 0.1; the
+reward is the negative *Euclidean* distance to the goal after the move, and an episode ends
+after 100 steps or once the robot is within 0.01 of the goal on both axes.
+
+This is the environment of the code behind the paper's numbers: cbfinn/maml_rl's
+``point_env_randgoal`` wrapped in rllab's ``normalize``, which maps the policy's [-1, 1] onto
+the [-0.1, 0.1] action box. The scaling matters: a unit-variance Gaussian policy then explores
+at 0.1 per step instead of being clipped at almost every step (pytorch-maml-rl clips the raw
+action, a harder problem). The paper's text says "squared distance", but its published
+returns (about -40 before adaptation) only match the plain distance.
 
 All ``T`` tasks x ``N`` trajectories step together as tensors; nothing loops per robot.
 """
@@ -45,7 +49,7 @@ class Navigation2D:
     def step(self, positions: Tensor, actions: Tensor, goals: Tensor
              ) -> tuple[Tensor, Tensor, Tensor]:
         """Move every robot: (new positions, rewards ``[T, N]``, done ``[T, N]``)."""
-        moved = positions + actions.clamp(-self.max_action, self.max_action)
+        moved = positions + actions.clamp(-1, 1) * self.max_action
         offset = moved - goals[:, None, :]
         reward = -offset.norm(dim=-1)
         done = (offset.abs() < self.tolerance).all(-1)

@@ -12,14 +12,29 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["Params", "gaussian_kl", "init_policy", "log_prob", "policy_mean", "sample_action"]
+__all__ = ["Generators", "Params", "gaussian_kl", "init_policy", "log_prob", "per_task_draw",
+           "policy_mean", "sample_action"]
 
 Params = dict[str, Tensor]
+# One generator for a whole batch of tasks, or one per task (task t draws from the t-th), so
+# that a task's draws do not depend on which other tasks share its batch or process.
+Generators = torch.Generator | Sequence[torch.Generator]
+
+
+def per_task_draw(draw: Callable[..., Tensor], shape: Sequence[int], generator: Generators,
+                  **options: object) -> Tensor:
+    """``draw(shape, generator=...)`` (e.g. ``torch.randn``) of ``shape = [T, ...]``: in one
+    call from one generator, or row ``t`` from ``generator[t]``."""
+    if isinstance(generator, torch.Generator):
+        return draw(tuple(shape), generator=generator, **options)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for {shape[0]} tasks; pass one per task.")
+    return torch.stack([draw(tuple(shape[1:]), generator=g, **options) for g in generator])
 
 
 def init_policy(observation_size: int, action_size: int, hidden: Sequence[int] = (100, 100),
@@ -67,11 +82,11 @@ def log_prob(params: Params, observations: Tensor, actions: Tensor) -> Tensor:
     return (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
-def sample_action(params: Params, observations: Tensor, generator: torch.Generator) -> Tensor:
+def sample_action(params: Params, observations: Tensor, generator: Generators) -> Tensor:
     """An action ``[T, M, action_size]`` drawn from the policy (no gradient)."""
     with torch.no_grad():
         mean = policy_mean(params, observations)
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        noise = per_task_draw(torch.randn, mean.shape, generator, dtype=mean.dtype)
         return mean + torch.exp(_log_std(params, mean)) * noise
 
 

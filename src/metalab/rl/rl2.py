@@ -158,8 +158,9 @@ class RL2:
                 loss.backward()
                 nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
                 optimizer.step()
-        return {f"return_episode_{k + 1}": float(r.mean())
-                for k, r in enumerate(trials.episode_returns)}
+        return {**{f"return_episode_{k + 1}": float(r.mean())
+                   for k, r in enumerate(trials.episode_returns)},
+                "env_steps": float(trials.mask.sum())}
 
     def evaluate(self, policy: RL2Policy, goals: Tensor, episodes: int, trials: int,
                  generator: torch.Generator) -> Tensor:

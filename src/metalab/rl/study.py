@@ -1,83 +1,114 @@
-"""2D navigation: train MAML-TRPO, the pretrained baseline and RL², then score them, the
-random-initialisation baseline and the paper's figures on the same fixed test goals.
+"""Training loops, the fixed test goals and the evaluation of meta-RL policies (what
+:mod:`metalab.rl.run` runs for ``metalab train``, ``evaluate`` and ``compare``).
 
-    python -m metalab.rl.study --out runs/rl/navigation --minutes 40 --baseline-minutes 12 \
-        --rl2-minutes 20
+:func:`train` (MAML-TRPO and the pretrained baseline) and :func:`train_rl2` write ``last.pt``
+atomically every 10 iterations (parameters and history; RL² also its optimiser and
+generator) and ``log.jsonl``, and resume from ``last.pt``: a resumed run equals an
+uninterrupted one. :func:`train` draws iteration ``s``'s goals from ``(seed, s)`` and task
+``i``'s rollouts from ``(seed, s, i)``, so under torchrun each process rolls out its share of
+the tasks and the processes train the policy of one process.
 
-Each policy trains in ``<out>/<name>/`` with ``last.pt`` written atomically every
-``--save-every`` iterations (parameters, iteration, the random generator's state and the
-history), so a stopped run resumes exactly where it stopped (``--resume`` is the default when
-``last.pt`` exists): a resumed run equals an uninterrupted one. Evaluation: 40 fixed goals
-(seed 12345), 20 trajectories per goal and step, returns after 0..3 VPG steps of step size
-0.1 (RL²: the returns of episodes 1..4 of its trials), mean ± 95% CI over the goals; written
-to ``<out>/results.json`` and printed.
+Evaluation: 40 fixed goals (seed 12345; HalfCheetah direction: 20 forward, 20 backward), the
+learner's trajectories per goal and step, returns after 0..N VPG steps (step sizes: the
+training one, then half of it, as the paper; RL²: the returns of episodes 1..N+1 of its
+trials), mean ± 95% CI over the goals.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from metalab import distributed
 from metalab.evaluate import mean_ci95
 from metalab.io import atomic_save, atomic_write_text
-from metalab.rl.cheetah import INSTALL_HINT, HalfCheetahTasks
+from metalab.plots import paths_to_goals
+from metalab.rl.cheetah import HalfCheetahTasks
 from metalab.rl.maml_trpo import MAMLTRPO
 from metalab.rl.navigation import Navigation2D
 from metalab.rl.policy import Params, init_policy
 from metalab.rl.rl2 import RL2, RL2Policy
+from metalab.tasks import step_generator, task_generator
 
-__all__ = ["PAPER", "evaluate_policies", "train"]
+__all__ = ["ENVIRONMENTS", "draw_paths", "evaluate_policies", "test_goals", "train",
+           "train_rl2"]
 
 TEST_SEED, TEST_GOALS, EVAL_STEPS = 12345, 40, 3
-# Finn et al. 2017, figure 4 / appendix table: MAML on 2D navigation after 0..3 steps
-PAPER = {"maml (paper)": [-40.41, -11.68, -3.33, -3.23]}
+
+
+def _headline(metrics: dict[str, float]) -> str:
+    """The return a progress bar shows: after adaptation (MAML-TRPO), or of a trial's last
+    episode (RL²)."""
+    key = "return_after" if "return_after" in metrics else max(
+        k for k in metrics if k.startswith("return_episode_"))
+    return f"{metrics[key]:.2f}"
 
 
 def _loop(out: Path, state: dict[str, Any], step: Any, iterations: int, seconds: float,
-          save_every: int, progress: bool) -> None:
+          save_every: int, progress: bool, every_rank: bool = True) -> None:
     """Run ``step()`` (which returns the iteration's metrics) until ``iterations`` are done
-    or ``seconds`` of training are spent, saving ``state`` (which ``step`` updates, with its
-    ``history``) atomically every ``save_every`` iterations and at the end."""
+    or ``seconds`` of training are spent, with a progress bar (return, environment steps per
+    second), saving ``state`` (which ``step`` updates, with its ``history``) atomically to
+    ``last.pt`` and the history to ``log.jsonl`` every ``save_every`` iterations and at the
+    end. In a process group rank 0 alone shows progress and saves; when ``every_rank`` runs
+    the loop, rank 0's clock decides for all when to stop."""
     history = state["history"]
+    main_rank = distributed.rank() == 0
     spent = sum(h["seconds"] for h in history)
-    while len(history) < iterations and spent < seconds:
+
+    def out_of_time() -> bool:
+        return distributed.broadcast_object(spent >= seconds) if every_rank else spent >= seconds
+
+    bar = tqdm(total=iterations, initial=len(history), desc=out.name, unit="it",
+               disable=not (progress and main_rank), dynamic_ncols=True)
+    while len(history) < iterations and not out_of_time():
         start = time.perf_counter()
         metrics = step()
         metrics["seconds"] = time.perf_counter() - start
         spent += metrics["seconds"]
         history.append(metrics)
-        if progress:
-            print(f"{out.name} {len(history)}: " + ", ".join(
-                f"{k} {v:.3g}" for k, v in metrics.items()), flush=True)
-        if len(history) % save_every == 0 or len(history) >= iterations or spent >= seconds:
+        bar.set_postfix({"return": _headline(metrics),
+                         "env steps/s": f"{metrics['env_steps'] / metrics['seconds']:,.0f}"})
+        bar.update()
+        if main_rank and (len(history) % save_every == 0 or len(history) >= iterations
+                          or spent >= seconds):
             atomic_save(state, out / "last.pt")
+            atomic_write_text("".join(json.dumps(h) + "\n" for h in history),
+                              out / "log.jsonl")
+    bar.close()
 
 
 def train(out: Path, algo: MAMLTRPO, iterations: int, seconds: float, seed: int = 0,
-          meta_batch: int = 20, save_every: int = 10, hidden: tuple[int, ...] = (64, 64),
-          progress: bool = True) -> tuple[Params, list[dict[str, float]]]:
+          meta_batch: int = 20, save_every: int = 10, hidden: tuple[int, ...] = (100, 100),
+          progress: bool = True, extra: dict[str, Any] | None = None,
+          ) -> tuple[Params, list[dict[str, float]]]:
     """Train (or resume) a MAML-TRPO policy in ``out`` for ``iterations`` meta-iterations or
-    ``seconds`` of training, whichever ends first."""
+    ``seconds`` of training, whichever ends first; in a process group, on this rank's share
+    of each meta-batch. ``extra`` is saved in the checkpoint too (e.g. the run's config; a
+    resumed run records the new one)."""
     out.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
     if (out / "last.pt").exists():
-        state = torch.load(out / "last.pt", weights_only=True)
-        generator.set_state(state["generator"])
+        state = {**torch.load(out / "last.pt", weights_only=True), **(extra or {})}
     else:
         state = {"params": init_policy(algo.env.observation_size, algo.env.action_size,
-                                       hidden, generator), "history": []}
-    state["generator"] = generator.get_state()
+                                       hidden, torch.Generator().manual_seed(seed)),
+                 "history": [], **(extra or {})}
+    share = distributed.task_share(meta_batch, distributed.rank(), distributed.world_size())
 
     def step() -> dict[str, float]:
-        goals = algo.env.sample_tasks(meta_batch, generator)
-        state["params"], metrics = algo.step(state["params"], goals, generator)
-        state["generator"] = generator.get_state()
+        iteration = len(state["history"])
+        goals = algo.env.sample_tasks(meta_batch, step_generator(seed, iteration))
+        generators = [task_generator(seed, iteration, i) for i in share]
+        state["params"], metrics = algo.step(state["params"], goals[share.start:share.stop],
+                                             generators, meta_batch)
         return metrics
 
     _loop(out, state, step, iterations, seconds, save_every, progress)
@@ -86,16 +117,18 @@ def train(out: Path, algo: MAMLTRPO, iterations: int, seconds: float, seed: int 
 
 def train_rl2(out: Path, algo: RL2, iterations: int, seconds: float, seed: int = 0,
               meta_batch: int = 32, lr: float = 1e-3, save_every: int = 10,
-              progress: bool = True) -> tuple[RL2Policy, list[dict[str, float]]]:
-    """Train (or resume) an RL² policy in ``out`` (PPO, Adam), as :func:`train`."""
+              progress: bool = True, extra: dict[str, Any] | None = None,
+              ) -> tuple[RL2Policy, list[dict[str, float]]]:
+    """Train (or resume) an RL² policy in ``out`` (PPO, Adam), as :func:`train`, in this
+    process alone."""
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     policy = RL2Policy(algo.env.observation_size, algo.env.action_size)
     optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
-    state: dict[str, Any] = {"history": []}
+    state: dict[str, Any] = {"history": [], **(extra or {})}
     if (out / "last.pt").exists():
-        state = torch.load(out / "last.pt", weights_only=True)
+        state = {**torch.load(out / "last.pt", weights_only=True), **(extra or {})}
         policy.load_state_dict(state["policy"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
@@ -107,7 +140,7 @@ def train_rl2(out: Path, algo: RL2, iterations: int, seconds: float, seed: int =
                      generator=generator.get_state())
         return metrics
 
-    _loop(out, state, step, iterations, seconds, save_every, progress)
+    _loop(out, state, step, iterations, seconds, save_every, progress, every_rank=False)
     return policy, state["history"]
 
 
@@ -133,8 +166,10 @@ def evaluate_policies(policies: dict[str, Params], algo: MAMLTRPO, steps: int = 
                                   strict=True)) for r in returns]
                 for suffix, chosen in groups.items()}
 
-    returns = {name: algo.evaluate(params, goals, steps,
-                                   torch.Generator().manual_seed(TEST_SEED + 1))
+    def rollouts() -> list[torch.Generator]:  # the same for every policy
+        return [task_generator(TEST_SEED, 0, i) for i in range(len(goals))]
+
+    returns = {name: algo.evaluate(params, goals, steps, rollouts())
                for name, params in policies.items()}
     if rl2 is not None:
         learner, policy = rl2
@@ -144,75 +179,25 @@ def evaluate_policies(policies: dict[str, Params], algo: MAMLTRPO, steps: int = 
             for suffix, row in summary(r).items()}
 
 
-ENVIRONMENTS = {
-    "navigation": {"env": Navigation2D, "meta_batch": 20, "steps": EVAL_STEPS,
-                   "paper": PAPER},
-    # MAML's mean return after one step: 293 in Finn et al. 2017; 170.4 ± 21.0 in the ANIL
-    # paper's rerun (Raghu et al. 2020)
-    "halfcheetah-dir": {"env": lambda: HalfCheetahTasks("direction"), "meta_batch": 40,
-                        "steps": 1, "paper": {"maml (Finn et al.), after 1 step": [293.0],
-                                              "maml (ANIL rerun), after 1 step": [170.4]}},
-    "halfcheetah-vel": {"env": lambda: HalfCheetahTasks("velocity"), "meta_batch": 40,
-                        "steps": 1, "paper": {}},
+# name -> the task distribution (RLConfig.env)
+ENVIRONMENTS: dict[str, Callable[[], Navigation2D | HalfCheetahTasks]] = {
+    "navigation": Navigation2D,
+    "halfcheetah-dir": partial(HalfCheetahTasks, "direction"),
+    "halfcheetah-vel": partial(HalfCheetahTasks, "velocity"),
 }
+PICTURED_GOALS, PICTURED_TRAJECTORIES = 4, 3
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--env", choices=sorted(ENVIRONMENTS), default="navigation",
-                        help="navigation (built in) or HalfCheetah direction / velocity "
-                        "(needs " + INSTALL_HINT + ")")
-    parser.add_argument("--out", type=Path, default=Path("runs/rl/navigation"))
-    parser.add_argument("--minutes", type=float, default=40, help="MAML-TRPO training time")
-    parser.add_argument("--baseline-minutes", type=float, default=12,
-                        help="training time of the policy pretrained on all tasks")
-    parser.add_argument("--rl2-minutes", type=float, default=20,
-                        help="RL² training time (navigation only)")
-    parser.add_argument("--iterations", type=int, default=500)
-    parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64],
-                        help="hidden ReLU layers (64 64, as pytorch-maml-rl; the paper: 100 100)")
-    parser.add_argument("--first-order", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
-    setting = ENVIRONMENTS[args.env]
-    env = setting["env"]()
-    hidden, batch = tuple(args.hidden), setting["meta_batch"]
-    maml = MAMLTRPO(env, first_order=args.first_order)
-    pretrained = MAMLTRPO(env, inner_steps=0)
-    histories, policies = {}, {}
-    for name, algo, minutes in (("maml", maml, args.minutes),
-                                ("pretrained", pretrained, args.baseline_minutes)):
-        policies[name], histories[name] = train(
-            args.out / name, algo, args.iterations, minutes * 60, args.seed, batch,
-            hidden=hidden, progress=not args.quiet)
-    rl2 = None
-    if isinstance(env, Navigation2D):
-        rl2 = RL2(env)
-        rl2_policy, histories["rl2"] = train_rl2(args.out / "rl2", rl2, 10**6,
-                                                 args.rl2_minutes * 60, args.seed,
-                                                 progress=not args.quiet)
-        rl2 = (rl2, rl2_policy)
-    policies["random init"] = init_policy(env.observation_size, env.action_size, hidden,
-                                          torch.Generator().manual_seed(args.seed))
-    rows = evaluate_policies(policies, maml, setting["steps"], rl2)
-    report = {"env": args.env, "goals": TEST_GOALS, "seed": TEST_SEED,
-              "trajectories": maml.trajectories, "inner_lr": maml.inner_lr, "hidden": hidden,
-              "first_order": args.first_order, "meta_batch": batch,
-              "training": {name: {"iterations": len(h),
-                                  "minutes": sum(x["seconds"] for x in h) / 60, "history": h}
-                           for name, h in histories.items()},
-              "returns": rows, "paper": setting["paper"]}
-    atomic_write_text(json.dumps(report, indent=1) + "\n", args.out / "results.json")
-    steps = range(setting["steps"] + 1)
-    print("| policy | " + " | ".join(f"{s} steps" for s in steps) + " |\n|---|"
-          + "---:|" * len(steps))
-    for name, row in rows.items():
-        print(f"| {name} | " + " | ".join(f"{r['mean']:.2f} ± {r['ci95']:.2f}" for r in row)
-              + " |")
-    for name, row in setting["paper"].items():
-        print(f"| {name} | " + " | ".join(f"{r:.2f}" for r in row) + " |")
-
-
-if __name__ == "__main__":
-    main()
+def draw_paths(algo: MAMLTRPO, params: Params, stem: Path) -> list[Path]:
+    """The first fixed test goals with a few trajectories before and after 1..3 adaptation
+    steps (2D navigation), as PNG and SVG."""
+    goals = test_goals(algo.env)[:PICTURED_GOALS]
+    _, rounds = algo.adaptation(params, goals, EVAL_STEPS,
+                                [task_generator(TEST_SEED, 0, i) for i in range(len(goals))])
+    paths = {}
+    for step, episodes in enumerate(rounds):
+        stage = "before adaptation" if step == 0 else f"after {step} step{'s' * (step > 1)}"
+        paths[stage] = [[[(0.0, 0.0)] + [tuple(episodes.observations[g, t, n].tolist())
+                                         for t in range(1, int(episodes.mask[g, :, n].sum()))]
+                         for n in range(PICTURED_TRAJECTORIES)] for g in range(len(goals))]
+    return paths_to_goals([tuple(g.tolist()) for g in goals], paths, stem)
