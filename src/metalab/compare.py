@@ -359,7 +359,7 @@ def write_outputs(comparison: Comparison, out: Path, plots: bool = True) -> list
 
         files += draw.score_vs_latency(rows, out / "score_vs_latency")
         files += draw.learning_curves(rows, out / "learning_curves")
-        labels = {r.task: get_kind(r.kind).label() for r in rows}
+        labels = {r.task: "test " + get_kind(r.kind).label() for r in rows}
         if comparison.shots:
             files += draw.curves(comparison.shots, "support examples per class",
                                  out / "shots", log_x=True, y_labels=labels)

@@ -168,7 +168,7 @@ def curves(
     log_x: bool = False, y_labels: dict[str, str] | None = None,
 ) -> list[Path]:
     """``data[task][algorithm]`` = [(x, mean, ci95), ...] as lines with CI bands;
-    ``y_labels[task]`` names the score (default: accuracy)."""
+    ``y_labels[task]`` is the y axis's label (default: test accuracy)."""
     fig, axes = _panels(len(data))
     for ax, (task, by_algorithm) in zip(axes, data.items(), strict=True):
         for i, (name, curve) in enumerate(by_algorithm.items()):
@@ -182,7 +182,7 @@ def curves(
             xs = sorted({point[0] for curve in by_algorithm.values() for point in curve})
             ax.set_xticks(xs, [f"{v:g}" for v in xs])
         ax.set_xlabel(x_label)
-        ax.set_ylabel("test " + (y_labels or {}).get(task, "accuracy (%)"))
+        ax.set_ylabel((y_labels or {}).get(task, "test accuracy (%)"))
         ax.set_title(task)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the lines

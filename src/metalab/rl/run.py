@@ -228,7 +228,8 @@ def nav2d(algorithms: list[str] | None = None, steps: int | None = None,
     initialisation on the same fixed test goals, scored by the return after ``ROW_STEPS``
     adaptation steps. Runs already trained in ``out/<config>`` are scored, not retrained
     (unless ``fresh``). Drawn to ``out``: the return against adaptation steps beside the
-    paper's (``returns.png``) and MAML's paths to a few test goals (``paths.png``)."""
+    paper's (``returns.png``), MAML's paths to a few test goals (``paths.png``) and the
+    training returns against meta-iterations (``training.png``)."""
     from metalab.plots import curves
 
     rows, lines = [], {}
@@ -253,13 +254,32 @@ def nav2d(algorithms: list[str] | None = None, steps: int | None = None,
             random = _random_init(config)
             lines["random init"] = random["returns"]
             rows.append(_row(config, random, "random init"))
+    curves({"2D navigation": {name: curve for config_name in NAV2D_SUITE
+                              for name, curve in training_curves(out / Path(config_name).name
+                                                                 / "log.jsonl").items()}},
+           "meta-iteration", out / "training", y_labels={"2D navigation": "training return"})
     drawn = {n: [(s, r["mean"], r["ci95"]) for s, r in enumerate(line)]
              for n, line in lines.items()}
     drawn["maml (Finn et al. 2017)"] = [(s, r, 0.0) for s, r in enumerate(PAPER_NAV2D)]
     curves({"2D navigation": drawn},
            "adaptation steps (VPG; RL²: episodes of the trial - 1)", out / "returns",
-           y_labels={"2D navigation": "return"})
+           y_labels={"2D navigation": "test return (40 fixed goals)"})
     return rows
+
+
+def training_curves(log: Path, window: int = 10) -> dict[str, list[tuple[float, float, float]]]:
+    """The mean training returns of a run's ``log.jsonl`` over windows of ``window``
+    iterations: before and after adaptation (MAML-TRPO, pretrained), or of each episode of a
+    trial (RL²), as ``(iteration, mean, 0)`` points; nothing if the run has no log."""
+    if not log.exists():
+        return {}
+    history = [json.loads(line) for line in log.read_text().splitlines()]
+    keys = [k for k in history[0] if k.startswith("return")]
+    name = log.parent.name
+    return {f"{name}: {key.removeprefix('return_').replace('_', ' ')}": [
+        (start + len(chunk), sum(h[key] for h in chunk) / len(chunk), 0.0)
+        for start in range(0, len(history), window)
+        for chunk in [history[start:start + window]]] for key in keys}
 
 
 def _random_init(config: RLConfig) -> dict[str, Any]:
