@@ -3,6 +3,7 @@
 
 * the same seed gives the same parameters, history and test returns;
 * a run stopped and resumed from ``last.pt`` equals an uninterrupted one;
+* ``best.pt`` holds the weights of the best validation return logged;
 * the checkpoint loads with ``weights_only=True`` and ``metalab evaluate`` scores it: returns
   after 0..``eval_steps`` steps, finite, with their 95% CI, the same on every call.
 
@@ -18,13 +19,14 @@ from typing import Any
 
 import torch
 
-from metalab.rl.run import RLConfig, evaluate_run, train_run
+from metalab.rl.run import RLConfig, chosen_checkpoint, evaluate_run, train_run
 
 __all__ = ["TINY", "check_rl_algorithm"]
 
 # Small enough for a test: two tasks of two episodes, two iterations, a tiny policy.
 TINY: dict[str, Any] = {"kind": "rl", "env": "navigation", "hidden": [8], "meta_batch": 2,
-                        "trajectories": 2, "iterations": 2, "eval_steps": 1, "seed": 3}
+                        "trajectories": 2, "iterations": 2, "eval_steps": 1,
+                        "eval_trajectories": 2, "seed": 3}
 
 
 def _state(folder: Path) -> dict[str, torch.Tensor]:
@@ -35,7 +37,8 @@ def _state(folder: Path) -> dict[str, torch.Tensor]:
 
 def _history(folder: Path) -> list[dict[str, float]]:
     history = torch.load(folder / "last.pt", weights_only=True)["history"]
-    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+    return [{k: v for k, v in h.items() if k not in ("seconds", "train_seconds")}
+            for h in history]  # without the clock
 
 
 def check_rl_algorithm(algorithm: str, folder: Path, **options: Any) -> None:
@@ -60,7 +63,14 @@ def check_rl_algorithm(algorithm: str, folder: Path, **options: Any) -> None:
         assert torch.equal(value, _state(folder / "parts")[name]), (
             f"{algorithm}: a resumed run differs from an uninterrupted one ({name})")
 
-    scored = evaluate_run(folder / "a" / "last.pt", write=False)
+    logged = [h["val_return"] for h in _history(folder / "a") if "val_return" in h]
+    best = torch.load(folder / "a" / "best.pt", weights_only=True)
+    assert logged and best["best"] == max(logged), (
+        f"{algorithm}: best.pt does not hold the best validation return logged")
+    assert len(best["history"]) == best["best_iteration"], (
+        f"{algorithm}: best.pt's weights are not those of its best iteration")
+
+    scored = evaluate_run(chosen_checkpoint(folder / "a"), write=False)
     assert scored["returns"] == first["returns"], (
         f"{algorithm}: evaluating the checkpoint again gave other returns")
     assert len(scored["returns"]) == config.eval_steps + 1, (

@@ -21,6 +21,7 @@ import json
 import pickle
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -36,6 +37,7 @@ from metalab.rl.policy import Params, init_policy
 from metalab.rl.rl2 import RL2, RL2Policy, run_trials
 from metalab.rl.study import (
     ENVIRONMENTS,
+    VAL_SEED,
     draw_paths,
     evaluate_policies,
     test_goals,
@@ -133,13 +135,35 @@ def train_run(config: RLConfig, resume: bool = False, overwrite: bool = False,
         if distributed.rank() == 0:
             train_rl2(out, RL2(ENVIRONMENTS[config.env]()), config.iterations, seconds,
                       config.seed, config.meta_batch, config.lr, progress=progress,
-                      extra=extra)
+                      extra=extra, validate=partial(validation_return, config))
     else:
         train(out, config.learner(), config.iterations, seconds, config.seed,
-              config.meta_batch, hidden=tuple(config.hidden), progress=progress, extra=extra)
+              config.meta_batch, hidden=tuple(config.hidden), progress=progress, extra=extra,
+              validate=partial(validation_return, config))
     if distributed.rank() != 0:
         return None
-    return evaluate_run(out / "last.pt")
+    return evaluate_run(chosen_checkpoint(out))
+
+
+def chosen_checkpoint(out: Path) -> Path:
+    """The checkpoint a run is scored with: ``best.pt`` (the best validation return) when
+    the run validated, else ``last.pt``."""
+    return out / "best.pt" if (out / "best.pt").exists() else out / "last.pt"
+
+
+def validation_return(config: RLConfig, policy: Params | RL2Policy) -> float:
+    """The mean return after 1..``eval_steps`` adaptation steps (RL²: of episodes
+    2..eval_steps+1 of its trials) on 40 validation goals (``VAL_SEED``; the test's goals and
+    rollouts are never used to choose a checkpoint)."""
+    learner = config.learner(testing=True)
+    if isinstance(policy, RL2Policy):
+        rows = evaluate_policies({}, learner, config.eval_steps, (RL2(learner.env), policy),
+                                 seed=VAL_SEED)
+    else:
+        rows = evaluate_policies({"policy": policy}, learner, config.eval_steps,
+                                 seed=VAL_SEED)
+    returns = next(iter(rows.values()))[1:] or next(iter(rows.values()))
+    return sum(r["mean"] for r in returns) / len(returns)
 
 
 def _load(checkpoint: Path) -> tuple[RLConfig, dict[str, Any]]:
@@ -162,8 +186,9 @@ def evaluate_run(checkpoint: Path, write: bool = True, eval_steps: int | None = 
                  ) -> dict[str, Any]:
     """The returns after 0..``eval_steps`` (default: the config's) adaptation steps (RL²:
     episodes 1..eval_steps+1 of a trial) on the fixed test goals, mean ± 95% CI; also the
-    training's iterations, minutes and environment steps, the parameters and the adaptation
-    time. Written to ``test.json`` beside ``checkpoint``."""
+    whole run's iterations, minutes and environment steps (from ``last.pt`` beside it), the
+    iteration whose weights were scored, the parameters and the adaptation time. Written to
+    ``test.json`` beside ``checkpoint``."""
     config, state = _load(checkpoint)
     if eval_steps is not None:
         config = config.replace(eval_steps=eval_steps)
@@ -174,8 +199,11 @@ def evaluate_run(checkpoint: Path, write: bool = True, eval_steps: int | None = 
                                  (RL2(learner.env), policy))
     else:
         rows = evaluate_policies({config.algorithm: policy}, learner, config.eval_steps)
-    history = state["history"]
+    last = checkpoint.parent / "last.pt"  # the whole run's cost, whichever weights are scored
+    history = torch.load(last, weights_only=True)["history"] if last.exists() else state[
+        "history"]
     record = {"config": config.to_dict(), "returns": next(iter(rows.values())),
+              "checkpoint": checkpoint.name, "weights_of_iteration": len(state["history"]),
               "adapt_ms": adaptation_ms(learner, policy),
               "by_group": rows, "iterations": len(history),
               "train_minutes": sum(h["seconds"] for h in history) / 60,
@@ -241,14 +269,14 @@ def nav2d(algorithms: list[str] | None = None, steps: int | None = None,
             config = config.replace(iterations=steps)
         if budget is not None:
             config = config.replace(iterations=10**6, minutes=budget / 60)
-        last = Path(config.out) / "last.pt"
-        record = (evaluate_run(last, write=False) if last.exists() and not fresh
+        trained = (Path(config.out) / "last.pt").exists() and not fresh
+        record = (evaluate_run(chosen_checkpoint(Path(config.out)), write=False) if trained
                   else train_run(config, overwrite=fresh, progress=progress))
         lines[config.algorithm] = record["returns"]
         rows.append(_row(config, record))
         if config.algorithm == "maml-trpo":
             draw_paths(config.learner(testing=True),
-                       _load(Path(config.out) / "last.pt")[1]["params"],
+                       _load(chosen_checkpoint(Path(config.out)))[1]["params"],
                        out / "paths")
         if config.algorithm == "pretrained":  # the same steps from a random initialisation
             random = _random_init(config)

@@ -38,10 +38,11 @@ from metalab.rl.policy import Params, init_policy
 from metalab.rl.rl2 import RL2, RL2Policy
 from metalab.tasks import step_generator, task_generator
 
-__all__ = ["ENVIRONMENTS", "draw_paths", "evaluate_policies", "test_goals", "train",
+__all__ = ["ENVIRONMENTS", "VAL_SEED", "draw_paths", "evaluate_policies", "test_goals", "train",
            "train_rl2"]
 
 TEST_SEED, TEST_GOALS, EVAL_STEPS = 12345, 40, 3
+VAL_SEED = 1234  # the validation goals and rollouts that choose best.pt (never the test's)
 
 
 def _headline(metrics: dict[str, float]) -> str:
@@ -53,13 +54,16 @@ def _headline(metrics: dict[str, float]) -> str:
 
 
 def _loop(out: Path, state: dict[str, Any], step: Any, iterations: int, seconds: float,
-          save_every: int, progress: bool, every_rank: bool = True) -> None:
+          save_every: int, progress: bool, every_rank: bool = True,
+          validate: Callable[[], float] | None = None) -> None:
     """Run ``step()`` (which returns the iteration's metrics) until ``iterations`` are done
     or ``seconds`` of training are spent, with a progress bar (return, environment steps per
     second), saving ``state`` (which ``step`` updates, with its ``history``) atomically to
     ``last.pt`` and the history to ``log.jsonl`` every ``save_every`` iterations and at the
-    end. In a process group rank 0 alone shows progress and saves; when ``every_rank`` runs
-    the loop, rank 0's clock decides for all when to stop."""
+    end. ``validate()`` scores the current policy at each save (higher is better); the best
+    so far is also saved as ``best.pt``. In a process group rank 0 alone shows progress,
+    validates and saves; when ``every_rank`` runs the loop, rank 0's clock decides for all
+    when to stop."""
     history = state["history"]
     main_rank = distributed.rank() == 0
     spent = sum(h["seconds"] for h in history)
@@ -80,6 +84,11 @@ def _loop(out: Path, state: dict[str, Any], step: Any, iterations: int, seconds:
         bar.update()
         if main_rank and (len(history) % save_every == 0 or len(history) >= iterations
                           or spent >= seconds):
+            if validate is not None:  # logged as the supervised trainer logs validation
+                metrics["val_return"], metrics["train_seconds"] = validate(), spent
+                if state.get("best") is None or metrics["val_return"] > state["best"]:
+                    state["best"], state["best_iteration"] = metrics["val_return"], len(history)
+                    atomic_save(state, out / "best.pt")
             atomic_save(state, out / "last.pt")
             atomic_write_text("".join(json.dumps(h) + "\n" for h in history),
                               out / "log.jsonl")
@@ -89,11 +98,12 @@ def _loop(out: Path, state: dict[str, Any], step: Any, iterations: int, seconds:
 def train(out: Path, algo: MAMLTRPO, iterations: int, seconds: float, seed: int = 0,
           meta_batch: int = 20, save_every: int = 10, hidden: tuple[int, ...] = (100, 100),
           progress: bool = True, extra: dict[str, Any] | None = None,
+          validate: Callable[[Params], float] | None = None,
           ) -> tuple[Params, list[dict[str, float]]]:
     """Train (or resume) a MAML-TRPO policy in ``out`` for ``iterations`` meta-iterations or
     ``seconds`` of training, whichever ends first; in a process group, on this rank's share
     of each meta-batch. ``extra`` is saved in the checkpoint too (e.g. the run's config; a
-    resumed run records the new one)."""
+    resumed run records the new one); ``validate(params)`` chooses ``best.pt``."""
     out.mkdir(parents=True, exist_ok=True)
     if (out / "last.pt").exists():
         state = {**torch.load(out / "last.pt", weights_only=True), **(extra or {})}
@@ -111,13 +121,15 @@ def train(out: Path, algo: MAMLTRPO, iterations: int, seconds: float, seed: int 
                                              generators, meta_batch)
         return metrics
 
-    _loop(out, state, step, iterations, seconds, save_every, progress)
+    _loop(out, state, step, iterations, seconds, save_every, progress,
+          validate=validate and (lambda: validate(state["params"])))
     return state["params"], state["history"]
 
 
 def train_rl2(out: Path, algo: RL2, iterations: int, seconds: float, seed: int = 0,
               meta_batch: int = 32, lr: float = 1e-3, save_every: int = 10,
               progress: bool = True, extra: dict[str, Any] | None = None,
+              validate: Callable[[RL2Policy], float] | None = None,
               ) -> tuple[RL2Policy, list[dict[str, float]]]:
     """Train (or resume) an RL² policy in ``out`` (PPO, Adam), as :func:`train`, in this
     process alone."""
@@ -140,23 +152,26 @@ def train_rl2(out: Path, algo: RL2, iterations: int, seconds: float, seed: int =
                      generator=generator.get_state())
         return metrics
 
-    _loop(out, state, step, iterations, seconds, save_every, progress, every_rank=False)
+    _loop(out, state, step, iterations, seconds, save_every, progress, every_rank=False,
+          validate=validate and (lambda: validate(policy)))
     return policy, state["history"]
 
 
-def test_goals(env: Navigation2D | HalfCheetahTasks) -> Tensor:
-    """The fixed test goals: 40 drawn with ``TEST_SEED``; for directions, 20 of each."""
+def test_goals(env: Navigation2D | HalfCheetahTasks, seed: int = TEST_SEED) -> Tensor:
+    """The fixed test goals: 40 drawn with ``seed``; for directions, 20 of each."""
     if isinstance(env, HalfCheetahTasks) and env.goal == "direction":
         return torch.tensor([1.0, -1.0]).repeat_interleave(TEST_GOALS // 2)
-    return env.sample_tasks(TEST_GOALS, torch.Generator().manual_seed(TEST_SEED))
+    return env.sample_tasks(TEST_GOALS, torch.Generator().manual_seed(seed))
 
 
 def evaluate_policies(policies: dict[str, Params], algo: MAMLTRPO, steps: int = EVAL_STEPS,
-                      rl2: tuple[RL2, RL2Policy] | None = None) -> dict[str, Any]:
+                      rl2: tuple[RL2, RL2Policy] | None = None, seed: int = TEST_SEED,
+                      ) -> dict[str, Any]:
     """Returns after 0..``steps`` steps of every policy on the same fixed goals and rollout
     seeds (RL²: of episodes 1..steps+1 of ``algo.trajectories`` trials per goal), mean ± 95%
-    CI over the goals; for direction tasks also over the forward and the backward goals."""
-    goals = test_goals(algo.env)
+    CI over the goals; for direction tasks also over the forward and the backward goals.
+    ``seed`` draws goals and rollouts: the test's, or ``VAL_SEED`` for validation."""
+    goals = test_goals(algo.env, seed)
     groups = {"": torch.ones(len(goals), dtype=torch.bool)}
     if isinstance(algo.env, HalfCheetahTasks) and algo.env.goal == "direction":
         groups |= {" forward": goals > 0, " backward": goals < 0}
@@ -167,14 +182,14 @@ def evaluate_policies(policies: dict[str, Params], algo: MAMLTRPO, steps: int = 
                 for suffix, chosen in groups.items()}
 
     def rollouts() -> list[torch.Generator]:  # the same for every policy
-        return [task_generator(TEST_SEED, 0, i) for i in range(len(goals))]
+        return [task_generator(seed, 0, i) for i in range(len(goals))]
 
     returns = {name: algo.evaluate(params, goals, steps, rollouts())
                for name, params in policies.items()}
     if rl2 is not None:
         learner, policy = rl2
         returns["rl2"] = learner.evaluate(policy, goals, steps + 1, algo.trajectories,
-                                          torch.Generator().manual_seed(TEST_SEED + 1))
+                                          torch.Generator().manual_seed(seed + 1))
     return {name + suffix: row for name, r in returns.items()
             for suffix, row in summary(r).items()}
 
