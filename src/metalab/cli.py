@@ -52,8 +52,8 @@ def _train_rl(args: argparse.Namespace, config: RLConfig) -> None:
         print(f"trained {record['iterations']} iterations in {record['train_minutes']:.1f} "
               f"min ({record['env_steps']:,.0f} environment steps)")
         for group, returns in record["by_group"].items():
-            print(f"test ({group} on {config.env}'s fixed test goals, last.pt): "
-                  f"{format_returns(returns)}")
+            print(f"test ({group} on {config.env}'s fixed test goals, {record['checkpoint']} "
+                  f"of iteration {record['weights_of_iteration']}): {format_returns(returns)}")
 
 
 def _train_in_group(args: argparse.Namespace, config: Config) -> None:
