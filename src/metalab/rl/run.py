@@ -37,6 +37,7 @@ from metalab.rl.policy import Params, init_policy
 from metalab.rl.rl2 import RL2, RL2Policy, run_trials
 from metalab.rl.study import (
     ENVIRONMENTS,
+    TEST_SEED,
     VAL_SEED,
     draw_paths,
     evaluate_policies,
@@ -95,8 +96,8 @@ class RLConfig(Schema):
 def is_rl_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` is a checkpoint written by :func:`train_run` (False for anything
     else, including a missing or unreadable file: its own loader says what is wrong)."""
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
+    try:  # memory-mapped: deciding reads the small config, not the weights
+        state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
     except (OSError, RuntimeError, ValueError, pickle.UnpicklingError):
         return False
     return _is_rl_state(state)
@@ -155,15 +156,26 @@ def validation_return(config: RLConfig, policy: Params | RL2Policy) -> float:
     """The mean return after 1..``eval_steps`` adaptation steps (RL²: of episodes
     2..eval_steps+1 of its trials) on 40 validation goals (``VAL_SEED``; the test's goals and
     rollouts are never used to choose a checkpoint)."""
-    learner = config.learner(testing=True)
-    if isinstance(policy, RL2Policy):
-        rows = evaluate_policies({}, learner, config.eval_steps, (RL2(learner.env), policy),
-                                 seed=VAL_SEED)
-    else:
-        rows = evaluate_policies({"policy": policy}, learner, config.eval_steps,
-                                 seed=VAL_SEED)
+    rows = _scores(config, policy, seed=VAL_SEED)
     returns = next(iter(rows.values()))[1:] or next(iter(rows.values()))
     return sum(r["mean"] for r in returns) / len(returns)
+
+
+def _scores(config: RLConfig, policy: Params | RL2Policy, name: str | None = None,
+            seed: int = TEST_SEED) -> dict[str, Any]:
+    """:func:`~metalab.rl.study.evaluate_policies` of one policy (MLP parameters or RL²) with
+    this config's test-time learner and steps, on the goals and rollouts of ``seed``."""
+    learner = config.learner(testing=True)
+    if isinstance(policy, RL2Policy):
+        return evaluate_policies({}, learner, config.eval_steps, (RL2(learner.env), policy),
+                                 seed=seed)
+    return evaluate_policies({name or config.algorithm: policy}, learner, config.eval_steps,
+                             seed=seed)
+
+
+def _parameters(policy: Params | RL2Policy) -> int:
+    values = policy.parameters() if isinstance(policy, RL2Policy) else policy.values()
+    return sum(v.numel() for v in values)
 
 
 def _load(checkpoint: Path) -> tuple[RLConfig, dict[str, Any]]:
@@ -192,25 +204,18 @@ def evaluate_run(checkpoint: Path, write: bool = True, eval_steps: int | None = 
     config, state = _load(checkpoint)
     if eval_steps is not None:
         config = config.replace(eval_steps=eval_steps)
-    learner = config.learner(testing=True)
     policy = _policy(config, state)
-    if config.algorithm == "rl2":
-        rows = evaluate_policies({}, learner, config.eval_steps,
-                                 (RL2(learner.env), policy))
-    else:
-        rows = evaluate_policies({config.algorithm: policy}, learner, config.eval_steps)
+    rows = _scores(config, policy)
     last = checkpoint.parent / "last.pt"  # the whole run's cost, whichever weights are scored
-    history = torch.load(last, weights_only=True)["history"] if last.exists() else state[
-        "history"]
+    history = (torch.load(last, weights_only=True)["history"]
+               if checkpoint.name != last.name and last.exists() else state["history"])
     record = {"config": config.to_dict(), "returns": next(iter(rows.values())),
               "checkpoint": checkpoint.name, "weights_of_iteration": len(state["history"]),
-              "adapt_ms": adaptation_ms(learner, policy),
+              "adapt_ms": adaptation_ms(config.learner(testing=True), policy),
               "by_group": rows, "iterations": len(history),
               "train_minutes": sum(h["seconds"] for h in history) / 60,
               "env_steps": sum(h.get("env_steps", 0) for h in history),
-              "parameters": (sum(p.numel() for p in policy.parameters())
-                             if isinstance(policy, RL2Policy)
-                             else sum(v.numel() for v in policy.values()))}
+              "parameters": _parameters(policy)}
     if write:
         atomic_write_text(json.dumps(record, indent=1) + "\n", checkpoint.parent / "test.json")
     return record
@@ -314,10 +319,9 @@ def _random_init(config: RLConfig) -> dict[str, Any]:
     learner = config.learner(testing=True)
     params = init_policy(learner.env.observation_size, learner.env.action_size,
                          tuple(config.hidden), torch.Generator().manual_seed(config.seed))
-    rows = evaluate_policies({"random init": params}, learner, config.eval_steps)
-    return {"returns": rows["random init"], "iterations": 0, "train_minutes": 0.0,
-            "adapt_ms": adaptation_ms(learner, params),
-            "parameters": sum(v.numel() for v in params.values())}
+    return {"returns": _scores(config, params, "random init")["random init"],
+            "iterations": 0, "train_minutes": 0.0, "adapt_ms": adaptation_ms(learner, params),
+            "parameters": _parameters(params)}
 
 
 def _row(config: RLConfig, record: dict[str, Any], name: str | None = None):
