@@ -313,6 +313,8 @@ def test_compare_nav2d_scores_every_method_on_the_same_goals(tmp_path: Path) -> 
     assert rows["maml-trpo"].parameters == 2 * 100 + 100 + 100 * 100 + 100 + 100 * 2 + 2 + 2
     for row in rows.values():
         assert -110 < row.mean < 0 and row.ci95 > 0 and row.adapt_ms > 0
+    random = json.loads((tmp_path / "nav2d" / "random-init.test.json").read_text())
+    assert random["returns"][2]["mean"] == rows["random init"].mean
     for name in ("returns.png", "paths.png", "training.png", "table.md", "score_vs_latency.png"):
         assert (tmp_path / "nav2d" / name).stat().st_size > 0, name
     assert (tmp_path / "nav2d" / "learning_curves.png").exists()  # validation return

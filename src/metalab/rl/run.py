@@ -260,9 +260,10 @@ def nav2d(algorithms: list[str] | None = None, steps: int | None = None,
     """Rows of the ``nav2d`` suite: MAML-TRPO, the pretrained baseline, RL² and the random
     initialisation on the same fixed test goals, scored by the return after ``ROW_STEPS``
     adaptation steps. Runs already trained in ``out/<config>`` are scored, not retrained
-    (unless ``fresh``). Drawn to ``out``: the return against adaptation steps beside the
-    paper's (``returns.png``), MAML's paths to a few test goals (``paths.png``) and the
-    training returns against meta-iterations (``training.png``)."""
+    (unless ``fresh``); the random initialisation's record is ``random-init.test.json``.
+    Drawn to ``out``: the return against adaptation steps beside the paper's
+    (``returns.png``), MAML's paths to a few test goals (``paths.png``) and the training
+    returns against meta-iterations (``training.png``)."""
     from metalab.plots import curves
 
     rows, lines = [], {}
@@ -285,6 +286,8 @@ def nav2d(algorithms: list[str] | None = None, steps: int | None = None,
                        out / "paths")
         if config.algorithm == "pretrained":  # the same steps from a random initialisation
             random = _random_init(config)
+            atomic_write_text(json.dumps(random, indent=1) + "\n",
+                              out / "random-init.test.json")
             lines["random init"] = random["returns"]
             rows.append(_row(config, random, "random init"))
     curves({"2D navigation": {name: curve for config_name in NAV2D_SUITE
