@@ -240,6 +240,48 @@ def test_open_set_scores_by_hand() -> None:
     assert accuracy == pytest.approx(1 / 3) and recall == pytest.approx(0.5)
 
 
+def test_open_set_fit_keeps_the_candidate_best_on_validation() -> None:
+    from metalab.studies.intents import _fit_open_set
+
+    val_x = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    val_y = torch.tensor([0, 1, 0, 1])
+    val_oos = torch.tensor([[9.0], [8.0]])
+
+    def right(x, y):  # the true class with score 0.9, out-of-scope sentences score 0.2
+        def predict(q):
+            true = (q[:, 0] % 2).long()
+            scores = torch.full((len(q), 2), 0.05)
+            scores[torch.arange(len(q)), true] = torch.where(q[:, 0] > 5, 0.2, 0.9)
+            return scores
+        return predict
+
+    def wrong(x, y):  # always class 0 with score 0.9
+        return lambda q: torch.tensor([[0.9, 0.1]]).expand(len(q), 2)
+
+    predict, threshold = _fit_open_set([wrong, right], None, None, val_x, val_y, val_oos)
+    assert torch.equal(predict(val_x).argmax(1), val_y)
+    assert threshold == pytest.approx((0.2 + 0.9) / 2)  # rejects both out-of-scope sentences
+
+
+def test_logistic_probabilities_leave_mass_to_the_out_of_scope_class() -> None:
+    from metalab.studies.intents import _logistic_probabilities
+
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[4.0, 0.0], [0.0, 4.0], [-4.0, -4.0]])
+    x = centres[:2].repeat(10, 1) + 0.3 * torch.randn(20, 2, generator=generator)
+    y = torch.arange(2).repeat(10)
+    out_x = centres[2] + 0.3 * torch.randn(10, 2, generator=generator)
+    closed = _logistic_probabilities(x, y, l2=0.1)
+    open_ = _logistic_probabilities(x, y, l2=0.1, out_x=out_x)
+    queries = torch.cat([centres, 0.0 * centres[:1]])
+    assert closed(queries).shape == open_(queries).shape == (4, 2)
+    assert torch.allclose(closed(queries).sum(1), torch.ones(4))
+    # an out-of-scope-like query keeps little in-scope probability only with the extra class
+    assert open_(queries)[2].max() < 0.1 < closed(queries)[2].max()
+    assert open_(queries)[:2].argmax(1).tolist() == [0, 1]
+    assert (open_(queries)[:2].max(1).values > 0.8).all()
+
+
 def test_sample_support_is_seeded_and_balanced() -> None:
     data = torch.arange(3 * 6 * 2, dtype=torch.float32).view(3, 6, 2)
     dataset = ClassDataset(data, ["a", "b", "c"], torch.tensor([6, 4, 5]))
@@ -390,7 +432,8 @@ def test_text_suites_give_rows_with_their_baselines(fake_default_encoder, tmp_pa
         run_compare("clinc150-oos", algorithms=["maml"], steps=2, out=tmp_path)
     oos = run_compare("clinc150-oos", algorithms=["protonet", "maml"], steps=2, out=tmp_path,
                       progress=False, plots=False).rows
-    assert {r.algorithm for r in oos} == {"protonet", "nearest class mean"}  # maml: 77 heads
+    assert {r.algorithm for r in oos} == {"protonet", "nearest class mean", "logistic regression",
+                                          "logistic regression + oos class"}  # maml: 77 heads
     assert {r.task.split(", ")[1] for r in oos} == {"in-scope accuracy", "out-of-scope recall"}
 
 

@@ -250,6 +250,7 @@ DISPLAY_NAMES: dict[str, str] = {
         ("time-llm", "Time-LLM"), ("gpt4ts", "GPT4TS"), ("patchtst", "PatchTST"),
         ("dlinear", "DLinear"), ("nearest-class-mean", "Nearest class mean (frozen)"),
         ("logistic-regression", "Logistic regression (frozen)"),
+        ("logistic-regression-oos-class", "Logistic regression + out-of-scope class (frozen)"),
         ("use-convert", "USE+ConveRT (frozen)"), ("cpft", "CPFT"),
         ("bert-threshold", "BERT + threshold"))},
 }
@@ -257,7 +258,8 @@ DISPLAY_NAMES: dict[str, str] = {
 OTHER_METHODS = ("global-mean", "item-mean", "item-bias-user-offset", "matrix-factorization",
                  "zero-shot", "ridge-scratch", "ridge-shrunk", "target-only-sgd", "time-llm",
                  "gpt4ts", "patchtst", "dlinear",
-                 "nearest-class-mean", "logistic-regression", "use-convert", "cpft",
+                 "nearest-class-mean", "logistic-regression", "logistic-regression-oos-class",
+                 "use-convert", "cpft",
                  "bert-threshold")
 
 HEADER = """\
