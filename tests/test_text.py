@@ -27,7 +27,7 @@ from metalab.studies.intents import (
     open_set_scores,
     sample_support,
 )
-from metalab.tasks import ClassDataset
+from metalab.tasks import ClassDataset, TaskBatch
 from metalab.text import EmbeddingCache, FunctionEncoder, embed, intent_dataset
 from tests.conftest import real_data_dir
 
@@ -389,6 +389,73 @@ def test_real_encoder_embeds_meaning(minilm: str, tmp_path: Path) -> None:
         text._LOADED.clear()
         assert torch.equal(embed(sentences, minilm, cache, progress=False), vectors)
         assert text.DEFAULT_ENCODER not in text._LOADED
+
+
+def test_encoder_top_is_the_encoder_until_trained(minilm: str) -> None:
+    """Token states below MiniLM's last two layers, through the encoder-top backbone, give
+    the encoder's own embeddings; a training step moves the top layers and nothing below."""
+    from metalab.algorithms import build_algorithm
+    from metalab.algorithms.base import TaskSpec
+    from metalab.models import build_backbone
+    from metalab.text import SentenceClassifier, sentence_inputs
+
+    sentences = [t for t, _ in SUPPORT] + ["what is the weather like tomorrow in the mountains?"]
+    states = sentence_inputs(sentences, minilm, top_layers=2, progress=False)
+    lengths = (states.abs().sum(-1) > 0).sum(1)
+    assert states.shape == (5, int(lengths.max()), 384) and lengths.min() < lengths.max()
+    top = build_backbone("encoder-top", tuple(states.shape[1:]), layers=2).eval()
+    with torch.no_grad():
+        assert torch.allclose(top(states), text.load_encoder(minilm).encode(sentences),
+                              atol=1e-5)
+    before = [p.detach().clone() for p in top.parameters()]
+    assert sum(p.numel() for p in before) == 2 * 1_774_464  # two of MiniLM's six layers
+    torch.manual_seed(0)
+    algo = build_algorithm("protonet", top.train(), TaskSpec(n_way=2, input_shape=
+                                                              tuple(states.shape[1:])),
+                           metric="cosine")
+    batch = TaskBatch(states[None, [0, 2]], torch.tensor([[0, 1]]), states[None, [1, 3]],
+                      torch.tensor([[0, 1]]))
+    loss, _ = algo.meta_loss(batch)
+    loss.backward()
+    torch.optim.SGD(top.parameters(), lr=0.1).step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, top.parameters(), strict=True))
+    assert torch.equal(sentence_inputs(sentences, minilm, top_layers=2, progress=False), states)
+    # the sentence API feeds token states to a model whose backbone is the encoder's top
+    classifier = SentenceClassifier(algo, minilm).fit(*zip(*SUPPORT, strict=True))
+    assert [i for i, _ in classifier.predict(["my card never came", "top up please"])] == [
+        "card_arrival", "top_up"]
+    kept = next(v for (name, layers), v in text._TOKEN_STATES.items() if layers == 2)
+    assert SUPPORT[0][0] in kept and "top up please" not in kept  # queries are not kept
+
+
+def test_a_service_feeds_a_fine_tuned_top_token_states(minilm: str) -> None:
+    from metalab.config import load_config
+    from metalab.serve.inputs import inputs_for
+
+    config = load_config("banking77/protonet-5w1s-top2")
+    inputs = inputs_for(None, config)
+    assert (inputs.encoder, inputs.top_layers) == (minilm, 2)
+    examples = inputs.batch(["my card is lost", "top up failed again today"], remember=True)
+    assert examples.shape[0] == 2 and examples.shape[2] == 384 and examples.dim() == 3
+    plain = inputs_for(None, load_config("banking77/default-5w1s"))
+    assert plain.top_layers == 0
+    assert plain.batch(["my card is lost"]).shape == (1, 384)
+
+
+def test_encoder_top_needs_token_states_below_its_layers(minilm: str) -> None:
+    from metalab.algorithms.base import TaskSpec
+    from metalab.config import load_config
+    from metalab.models import build_backbone
+    from metalab.runs import build
+
+    config = load_config("banking77/protonet-5w1s-top2")
+    with pytest.raises(ValueError, match=r"set dataset_options.top_layers=2 \(it is 3\)"):
+        build(config.replace(dataset_options={"top_layers": 3}),
+              TaskSpec(input_shape=(12, 384)))
+    with pytest.raises(ValueError, match=r"takes token states \[tokens, 384\].*top_layers"):
+        build_backbone("encoder-top", (384,), layers=2)
+    with pytest.raises(ValueError, match="between 1 and the encoder's 6"):
+        text.token_states(["hi"], minilm, top_layers=7)
 
 
 # -- the text suites of metalab compare ------------------------------------------------------------

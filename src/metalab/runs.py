@@ -42,6 +42,13 @@ def build(config: Config, tasks: TaskSource | TaskSpec) -> MetaLearner:
     """The algorithm and backbone the config names, sized for ``tasks`` (a task source, or
     the :class:`~metalab.algorithms.TaskSpec` a checkpoint recorded), seeded by the config."""
     spec = tasks if isinstance(tasks, TaskSpec) else task_spec(tasks)
+    if config.backbone == "encoder-top":
+        layers = config.backbone_options.get("layers", 2)
+        given = config.dataset_options.get("top_layers", 0)
+        if given != layers:  # else the data's token states sit below another layer
+            raise ValueError(f"backbone encoder-top holds the encoder's last {layers} layers, "
+                             f"so its data must be token states below them: set "
+                             f"dataset_options.top_layers={layers} (it is {given}).")
     torch.manual_seed(config.seed)
     backbone = build_backbone(config.backbone, spec.input_shape, **config.backbone_options)
     return build_algorithm(config.algorithm, backbone, spec, **config.algorithm_options)

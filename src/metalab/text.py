@@ -12,6 +12,13 @@ An encoder is anything with a ``name`` (which identifies its weights in the cach
 sentence-transformers model folder, :class:`FunctionEncoder` any callable.
 :func:`embed` looks each sentence up in an :class:`EmbeddingCache` (SQLite, one transaction
 per encoded batch, so an interrupted run keeps what it finished) and encodes only the rest.
+
+To fine-tune the encoder's top instead (Dopierre et al. 2021 fine-tune a whole BERT
+episodically; here only the last layers, so that an episode stays cheap on a CPU),
+:func:`token_states` runs each sentence once through all but the last ``top_layers``
+transformer layers and keeps its token states; the ``encoder-top`` backbone
+(:class:`metalab.models.encoder_top.EncoderTop`) holds trainable copies of those last layers
+and the encoder's pooling, so meta-training updates them like any other backbone.
 """
 
 from __future__ import annotations
@@ -48,6 +55,9 @@ __all__ = [
     "load_encoder",
     "read_labelled_sentences",
     "register_encoder",
+    "sentence_inputs",
+    "token_states",
+    "transformer_parts",
 ]
 
 DEFAULT_ENCODER = "minilm"
@@ -312,13 +322,108 @@ def _encoder_name(spec: str | os.PathLike) -> str:
     return _model_name(folder, label)
 
 
+def transformer_parts(encoder: str | os.PathLike | SentenceEncoder = DEFAULT_ENCODER,
+                      ) -> tuple[torch.nn.Module, Callable]:
+    """The transformer (BERT-like: ``embeddings`` and ``encoder.layer``) and the tokenizer of
+    a sentence-transformers ``encoder`` whose sentence embedding is the L2-normalised mean of
+    its last token states (all-MiniLM-L6-v2's pooling): what :func:`token_states` and the
+    ``encoder-top`` backbone split between them."""
+    model = load_encoder(encoder)
+    pipeline = getattr(model, "model", None)
+    modules = list(pipeline) if pipeline is not None else []
+    names = [type(m).__name__ for m in modules]
+    if (names != ["Transformer", "Pooling", "Normalize"]
+            or modules[1].get_config_dict().get("pooling_mode") != "mean"
+            or not hasattr(getattr(modules[0], "auto_model", None), "encoder")):
+        raise ValueError(f"fine-tuning an encoder's top layers needs a sentence-transformers "
+                         f"model of a BERT-like transformer, mean pooling and normalisation "
+                         f"(as all-MiniLM-L6-v2); {model!r} is {names or 'not one'}.")
+    return modules[0].auto_model, modules[0].tokenizer
+
+
+def padding_mask(mask: Tensor) -> Tensor:
+    """The additive attention mask ``[B, 1, 1, T]`` of token mask ``mask`` ``[B, T]``: 0 where
+    a token is, the most negative float where padding is (BERT's convention)."""
+    return torch.zeros(mask.shape[0], 1, 1, mask.shape[1]).masked_fill(
+        ~mask.bool()[:, None, None, :], torch.finfo(torch.float32).min)
+
+
+def run_layers(layers: Sequence[torch.nn.Module], states: Tensor, mask: Tensor) -> Tensor:
+    """Token states ``[B, T, D]`` through transformer ``layers`` with token mask ``[B, T]``."""
+    additive = padding_mask(mask)
+    for layer in layers:
+        out = layer(states, attention_mask=additive)
+        states = out[0] if isinstance(out, tuple) else out
+    return states
+
+
+# (encoder name, top_layers) -> {sentence: its token states}: each sentence runs through the
+# frozen layers once per process, whatever the splits and folds that hold it.
+_TOKEN_STATES: dict[tuple[str, int], dict[str, Tensor]] = {}
+STATES_BATCH = 64
+
+
+def token_states(texts: Sequence[str], encoder: str | os.PathLike | SentenceEncoder =
+                 DEFAULT_ENCODER, top_layers: int = 2, progress: bool = True,
+                 remember: bool = True) -> list[Tensor]:
+    """Per sentence, its token states ``[tokens, D]`` after all but the last ``top_layers``
+    transformer layers of ``encoder`` (:func:`transformer_parts`): the input of an
+    ``encoder-top`` backbone with ``layers: top_layers``. Sentences longer than the encoder's
+    ``max_seq_length`` are cut there, as the encoder cuts them. With ``remember`` (data sets,
+    support examples) they are kept for the process; queries pass ``remember=False``, so a
+    service's memory does not grow with what it is asked."""
+    model = load_encoder(encoder)
+    bert, tokenizer = transformer_parts(model)
+    count = len(bert.encoder.layer)
+    if not 1 <= top_layers <= count:
+        raise ValueError(f"top_layers must be between 1 and the encoder's {count} layers; "
+                         f"got {top_layers}.")
+    kept = _TOKEN_STATES.setdefault((model.name, top_layers), {})
+    known = kept if remember else dict(kept)
+    missing = sorted(set(texts) - set(known), key=len)  # similar lengths batch together
+    below = bert.encoder.layer[:count - top_layers]
+    limit = getattr(model.model, "max_seq_length", None) or 512
+    with torch.no_grad(), tqdm(total=len(missing), desc="token states", unit="sentence",
+                               disable=True if not progress or not missing else None) as bar:
+        for start in range(0, len(missing), STATES_BATCH):
+            batch = missing[start:start + STATES_BATCH]
+            tokens = tokenizer(batch, padding=True, truncation=True, max_length=limit,
+                               return_tensors="pt")
+            states = bert.embeddings(input_ids=tokens["input_ids"],
+                                     token_type_ids=tokens.get("token_type_ids"))
+            states = run_layers(below, states, tokens["attention_mask"])
+            for text, row, length in zip(batch, states, tokens["attention_mask"].sum(1),
+                                         strict=True):
+                known[text] = row[:int(length)].clone()
+            bar.update(len(batch))
+    return [known[t] for t in texts]
+
+
+def sentence_inputs(texts: Sequence[str], encoder: str | os.PathLike | SentenceEncoder =
+                    DEFAULT_ENCODER, top_layers: int = 0, progress: bool = True,
+                    remember: bool = True) -> Tensor:
+    """What a backbone over sentences takes: their embeddings ``[N, D]`` (``top_layers`` 0;
+    through the embedding cache, or straight from the encoder without ``remember``), or
+    their :func:`token_states` zero-padded to the longest, ``[N, T, D]`` (a zero vector is
+    padding: the ``encoder-top`` backbone masks it)."""
+    if not top_layers:
+        if remember:
+            return embed(texts, encoder, progress=progress)
+        return load_encoder(encoder).encode(list(texts)).float()
+    states = token_states(texts, encoder, top_layers, progress, remember)
+    return torch.nn.utils.rnn.pad_sequence(states, batch_first=True)
+
+
 def intent_dataset(
     texts: Sequence[str], intents: Sequence[str], names: Sequence[str],
     encoder: str | os.PathLike | SentenceEncoder = DEFAULT_ENCODER, progress: bool = True,
+    top_layers: int = 0,
 ) -> ClassDataset:
-    """The sentences of intents ``names`` as a class data set of their embeddings.
+    """The sentences of intents ``names`` as a class data set of their embeddings (or, with
+    ``top_layers``, of their token states below the encoder's last ``top_layers`` layers:
+    :func:`sentence_inputs`).
 
-    ``data[c, i]`` is the embedding of the ``i``-th sentence (in file order) of ``names[c]``;
+    ``data[c, i]`` is the input of the ``i``-th sentence (in file order) of ``names[c]``;
     intents with fewer sentences than the largest are padded, as ``counts`` records.
     Sentences of intents not in ``names`` are left out.
     """
@@ -326,10 +431,10 @@ def intent_dataset(
     kept = [(t, position[i]) for t, i in zip(texts, intents, strict=True) if i in position]
     if not kept:
         raise ValueError("none of the sentences belongs to the requested intents.")
-    vectors = embed([t for t, _ in kept], encoder, progress=progress)
+    vectors = sentence_inputs([t for t, _ in kept], encoder, top_layers, progress)
     labels = torch.tensor([c for _, c in kept])
     counts = torch.bincount(labels, minlength=len(names))
-    data = torch.zeros(len(names), int(counts.max()), vectors.shape[1])
+    data = torch.zeros(len(names), int(counts.max()), *vectors.shape[1:])
     order = torch.argsort(labels, stable=True)
     slot = torch.arange(len(kept)) - torch.cumsum(counts, 0)[labels[order]] + counts[labels[order]]
     data[labels[order], slot] = vectors[order]
@@ -399,7 +504,7 @@ class SentenceClassifier:
         position = {name: i for i, name in enumerate(self.intents)}
         labels = torch.tensor([position[i] for i in intents])
         with torch.no_grad():
-            self._predictor = self.algorithm.adapt(self._embed(sentences), labels)
+            self._predictor = self.algorithm.adapt(self._embed(sentences, True), labels)
         return self
 
     def predict(self, sentences: Sequence[str]) -> list[tuple[str | None, float]]:
@@ -408,10 +513,15 @@ class SentenceClassifier:
         if not sentences:
             return []
         with torch.no_grad():
-            score, label = torch.softmax(self._predictor(self._embed(sentences)), -1).max(-1)
+            score, label = torch.softmax(self._predictor(self._embed(sentences, False)),
+                                         -1).max(-1)
         return [(None if self.threshold is not None and s < self.threshold
                  else self.intents[i], s) for i, s in zip(label.tolist(), score.tolist(),
                                                         strict=True)]
 
-    def _embed(self, sentences: Sequence[str]) -> Tensor:
-        return embed(list(sentences), self.encoder, progress=False)
+    def _embed(self, sentences: Sequence[str], remember: bool) -> Tensor:
+        from metalab.models.encoder_top import encoder_layers
+
+        top = encoder_layers(self.algorithm)  # a fine-tuned top takes token states
+        return sentence_inputs(list(sentences), self.encoder, top[1] if top else 0,
+                               progress=False, remember=remember or not top)

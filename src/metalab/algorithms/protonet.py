@@ -41,20 +41,22 @@ def prototype_logits(
 
 @register
 class ProtoNet(MetaLearner):
-    """Prototypical Networks; ``metric`` is ``"euclidean"`` (squared) or ``"cosine"``."""
+    """Prototypical Networks; ``metric`` is ``"euclidean"`` (squared) or ``"cosine"``, whose
+    similarities are multiplied by a learned temperature starting at ``scale``."""
 
     name = "protonet"
     family = "metric"
     pads_tasks = True
 
-    def __init__(self, backbone: nn.Module, spec: TaskSpec, metric: str = "euclidean") -> None:
+    def __init__(self, backbone: nn.Module, spec: TaskSpec, metric: str = "euclidean",
+                 scale: float = 10.0) -> None:
         super().__init__(spec)
         if metric not in ("euclidean", "cosine"):
             raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}.")
         self.backbone = backbone
         self.metric = metric
         # Cosine similarities live in [-1, 1]: a learned temperature makes the softmax sharp.
-        self.scale = nn.Parameter(torch.tensor(10.0)) if metric == "cosine" else None
+        self.scale = nn.Parameter(torch.tensor(float(scale))) if metric == "cosine" else None
 
     def embed(self, x: Tensor) -> Tensor:
         """Embed ``[T, B, *shape]`` -> ``[T, B, D]``, each task on its own (``map_tasks``)."""

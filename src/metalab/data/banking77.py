@@ -87,8 +87,10 @@ def fold_intents(fold: int, split: str, data_dir: str | os.PathLike | None = Non
 def load(
     split: str, data_dir: str | os.PathLike | None = None, fold: int = 1,
     encoder: str | os.PathLike | SentenceEncoder = DEFAULT_ENCODER, progress: bool = True,
+    top_layers: int = 0,
 ) -> ClassDataset:
-    """Split ``split`` (see the module docstring) as embeddings by ``encoder``."""
+    """Split ``split`` (see the module docstring) as embeddings by ``encoder`` (with
+    ``top_layers``, token states below its last layers, for an ``encoder-top`` backbone)."""
     if split not in SPLITS:
         raise ValueError(f"unknown BANKING77 split {split!r}; available: {', '.join(SPLITS)}.")
     if split.startswith("all-"):
@@ -97,7 +99,7 @@ def load(
         rows = read("train", data_dir) + read("test", data_dir)
         names = fold_intents(fold, split, data_dir)
     texts, labels = zip(*rows, strict=True)
-    return intent_dataset(texts, labels, names, encoder, progress)
+    return intent_dataset(texts, labels, names, encoder, progress, top_layers)
 
 
 def status(data_dir: str | os.PathLike | None = None) -> str:

@@ -89,8 +89,10 @@ def load(
     split: str, data_dir: str | os.PathLike | None = None,
     domain_splits: dict[str, Sequence[str]] | None = None, exclude: Sequence[str] = (),
     encoder: str | os.PathLike | SentenceEncoder = DEFAULT_ENCODER, progress: bool = True,
+    top_layers: int = 0,
 ) -> ClassDataset:
-    """Split ``split`` (see the module docstring) as embeddings by ``encoder``;
+    """Split ``split`` (see the module docstring) as embeddings by ``encoder`` (with
+    ``top_layers``, token states below its last layers, for an ``encoder-top`` backbone);
     ``domain_splits`` replaces :data:`DOMAIN_SPLITS`, ``exclude`` drops domains."""
     if split not in SPLITS:
         raise ValueError(f"unknown CLINC150 split {split!r}; available: {', '.join(SPLITS)}.")
@@ -114,7 +116,7 @@ def load(
         raise ValueError(f"CLINC150 split {split!r} keeps no domain; check domain_splits and "
                          "exclude.")
     texts, labels = zip(*rows, strict=True)
-    return intent_dataset(texts, labels, names, encoder, progress)
+    return intent_dataset(texts, labels, names, encoder, progress, top_layers)
 
 
 def status(data_dir: str | os.PathLike | None = None) -> str:

@@ -129,7 +129,14 @@ BACKBONES: dict[str, BackboneFactory] = {
     "mlp": lambda input_shape, **options: MLP(in_features=math.prod(input_shape), **options),
     "residual": lambda input_shape, **options: ResidualMLP(math.prod(input_shape), **options),
     "embedding_mlp": lambda input_shape, **options: EmbeddingMLP(input_shape[-1], **options),
+    "encoder-top": lambda input_shape, **options: _encoder_top(input_shape, **options),
 }
+
+
+def _encoder_top(input_shape: tuple[int, ...], **options: object) -> nn.Module:
+    from metalab.models.encoder_top import EncoderTop  # imports sentence-transformers
+
+    return EncoderTop(input_shape, **options)
 
 
 def register_backbone(name: str, factory: BackboneFactory) -> BackboneFactory:

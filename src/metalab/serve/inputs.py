@@ -30,12 +30,14 @@ class InputError(ValueError):
 
 
 class TextInputs:
-    """Sentences, embedded by ``encoder`` (a name :func:`metalab.text.load_encoder` knows)."""
+    """Sentences, embedded by ``encoder`` (a name :func:`metalab.text.load_encoder` knows),
+    or, for a model that fine-tuned the encoder's last ``top_layers``, their token states
+    below those layers (:func:`metalab.text.sentence_inputs`)."""
 
     kind, plural = "text", "sentences"
 
-    def __init__(self, encoder: str) -> None:
-        self.encoder = encoder
+    def __init__(self, encoder: str, top_layers: int = 0) -> None:
+        self.encoder, self.top_layers = encoder, top_layers
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "encoder": str(self.encoder)}
@@ -70,11 +72,10 @@ class TextInputs:
         """Embeddings of ``items``; ``remember``: through the embedding cache (examples, which
         are encoded again when a task is re-adapted) rather than straight from the encoder
         (queries, which would only grow the cache)."""
-        from metalab.text import embed, load_encoder
+        from metalab.text import sentence_inputs
 
-        if remember:
-            return embed(list(items), self.encoder, progress=False)
-        return load_encoder(self.encoder).encode(list(items)).float()
+        return sentence_inputs(list(items), self.encoder, self.top_layers, progress=False,
+                               remember=remember)
 
 
 class ImageInputs:
@@ -135,7 +136,8 @@ def inputs_for(algorithm, config) -> TextInputs | ImageInputs:
     from metalab.text import DEFAULT_ENCODER
 
     if getattr(DATASETS.get(config.dataset), "TEXT", False):
-        return TextInputs(config.dataset_options.get("encoder", DEFAULT_ENCODER))
+        return TextInputs(config.dataset_options.get("encoder", DEFAULT_ENCODER),
+                          config.dataset_options.get("top_layers", 0))
     shape = tuple(algorithm.spec.input_shape)
     if not algorithm.kind.classes or len(shape) != 3 or shape[0] not in (1, 3):
         raise ValueError(f"metalab serve serves classifiers of sentences or images; this "

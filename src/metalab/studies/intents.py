@@ -201,15 +201,18 @@ def _adapters(pattern: str, algorithms: list[str], steps: int | None, budget: fl
 
 def episodic(shots: int, algorithms: list[str] | None = None, steps: int | None = None,
              budget: float | None = None, out: Path = Path("runs/compare"),
-             fresh: bool = False, progress: bool = True) -> list[Row]:
-    """``banking77-5w{shots}s``: rows averaged over the five ProtAugment folds."""
+             fresh: bool = False, progress: bool = True, variant: str = "") -> list[Row]:
+    """``banking77-5w{shots}s``: rows averaged over the five ProtAugment folds. A
+    ``variant`` trains from the configs ``banking77/<algorithm>-5w{shots}s-<variant>``
+    (``top2``: the encoder's last two layers meta-trained, ProtoNet by default)."""
     from metalab.runs import TEST_SEED, task_sources
     from metalab.tasks import fixed_episodes
 
     task = f"banking77 5-way {shots}-shot (5 folds)"
     rows = []
-    for fold_config in _configs(f"banking77/{{}}-5w{shots}s", algorithms or
-                                _default_algorithms(), steps, budget):
+    pattern = f"banking77/{{}}-5w{shots}s" + (f"-{variant}" if variant else "")
+    chosen = algorithms or (list(VARIANT_ALGORITHMS) if variant else _default_algorithms())
+    for fold_config in _configs(pattern, chosen, steps, budget):
         per_fold = []
         for fold in FOLDS:
             config = fold_config.replace(
@@ -367,9 +370,15 @@ def _probabilities(predictor: Callable[[Tensor], Tensor]) -> Callable[[Tensor], 
     return lambda x: torch.softmax(predictor(x), dim=-1)
 
 
+# what the variant suites train by default: their configs are ProtoNet's (fine-tuning the
+# encoder's top through MAML's inner loop would cost minutes per step on a CPU)
+VARIANT_ALGORITHMS = ("protonet",)
+
 PROTOCOLS: dict[str, Callable[..., list[Row]]] = {
     "banking77-5w1s": partial(episodic, 1),
     "banking77-5w5s": partial(episodic, 5),
+    "banking77-5w1s-top2": partial(episodic, 1, variant="top2"),
+    "banking77-5w5s-top2": partial(episodic, 5, variant="top2"),
     "banking77-77w": banking77_full_way,
     "clinc150-oos": clinc150_oos,
 }
@@ -385,6 +394,10 @@ RECORDED = {
                        600 * len(FOLDS)),
     "banking77-5w5s": ("banking77-episodic", {"banking77 5-way 5-shot (5 folds)": "5w5s"},
                        600 * len(FOLDS)),
+    "banking77-5w1s-top2": ("banking77-episodic",
+                            {"banking77 5-way 1-shot (5 folds)": "5w1s"}, 600 * len(FOLDS)),
+    "banking77-5w5s-top2": ("banking77-episodic",
+                            {"banking77 5-way 5-shot (5 folds)": "5w5s"}, 600 * len(FOLDS)),
     "banking77-77w": ("banking77-77w", {f"banking77 77-way {k}-shot (all test sentences)":
                                         f"k{k}" for k in FULL_WAY_SHOTS}, DRAWS),
     "clinc150-oos": ("clinc150-oos", {
@@ -394,6 +407,15 @@ RECORDED = {
 
 
 META_FAMILIES = ("metric", "optimization", "model")
+VARIANT_SUITES = ("banking77-5w1s-top2", "banking77-5w5s-top2")
+VARIANTS = {  # suite -> how its meta-learned rows were trained, for the records
+    "banking77-5w1s": "ProtAugment folds 1-5 averaged",
+    "banking77-5w5s": "ProtAugment folds 1-5 averaged",
+    "banking77-5w1s-top2": "folds 1-5 averaged; MiniLM's last 2 layers meta-trained",
+    "banking77-5w5s-top2": "folds 1-5 averaged; MiniLM's last 2 layers meta-trained",
+    "banking77-77w": "heads meta-trained on CLINC150 minus banking domains",
+    "clinc150-oos": "heads meta-trained on BANKING77; threshold on val",
+}
 
 
 def _bar_note(suite: str, rows: list[dict]) -> str | None:
@@ -402,15 +424,15 @@ def _bar_note(suite: str, rows: list[dict]) -> str | None:
         return max(rows_of, key=lambda r: r["mean"])
 
     meta = [r for r in rows if r["family"] in META_FAMILIES]
-    if suite == "banking77-5w1s":
+    if suite in ("banking77-5w1s", "banking77-5w1s-top2"):
         top = best(meta)
         ncm = next(r for r in rows if r["algorithm"] == "nearest class mean")
         met = top["mean"] >= ncm["mean"] + 3
         return (f"Bar: the best meta-learned head at least 3 points above the nearest class "
                 f"mean at 1-shot: {'met' if met else 'not met'} ({top['algorithm']} "
                 f"{top['mean']:.2f} against {ncm['mean']:.2f})."
-                + ("" if met else " Meta-training a head on 25 intents narrows the "
-                   "general-purpose embedding more than it helps."))
+                + ("" if met or suite.endswith("top2") else " Meta-training a head on 25 "
+                   "intents narrows the general-purpose embedding more than it helps."))
     if suite == "banking77-77w":
         ten = [r for r in rows if r["task"].startswith("banking77 77-way 10-shot")]
         top = best([r for r in ten if r["family"] in META_FAMILIES])
@@ -439,6 +461,7 @@ def records(compare_dir: Path, machine: str) -> list[tuple[str, dict]]:
     ``compare_dir`` (``metalab compare --out``): one per method, suite and metric."""
     import json
 
+    from metalab.config import builtin_configs
     from metalab.results import _git_version, validate
 
     version = _git_version()
@@ -455,23 +478,26 @@ def records(compare_dir: Path, machine: str) -> list[tuple[str, dict]]:
             metric = "recall" if setting == "oos-recall" else "accuracy"
             by_record.setdefault((row["algorithm"], metric), []).append({**row,
                                                                          "setting": setting})
+        data_set, setting_name = suite.split("-", 1)  # e.g. banking77, 5w1s-top2
         for (name, metric), rows_of in by_record.items():
             method = BASELINES.get(name, name)
             first = rows_of[0]
+            if not first["run_dir"] and suite in VARIANT_SUITES:
+                continue  # its baselines are the main suite's, on the same fixed episodes
             if first["run_dir"]:
                 values = json.loads((Path(first["run_dir"]) / "config.json").read_text())
-                config = {"name": f"{suite.split('-')[0]}/default-{suite.split('-')[1]}",
-                          "overrides": [f"algorithm={name}"], "values": values}
+                own = f"{data_set}/{name}-{setting_name}"
+                config = ({"name": own, "overrides": [], "values": values}
+                          if own in builtin_configs() else
+                          {"name": f"{data_set}/default-{setting_name}",
+                           "overrides": [f"algorithm={name}"], "values": values})
             else:
                 config = {"name": "metalab.studies.intents", "overrides": [],
                           "values": {"algorithm": method}}
-            variant = {"banking77-episodic": "ProtAugment folds 1-5 averaged",
-                       "banking77-77w": "heads meta-trained on CLINC150 minus banking domains",
-                       "clinc150-oos": "heads meta-trained on BANKING77; threshold on val"}
             record = {
                 "kind": "run", "benchmark": benchmark, "algorithm": method,
                 "protocol": {"train_split": "train", "batch_norm": "none",
-                             "variant": variant[benchmark] if first["run_dir"] else
+                             "variant": VARIANTS[suite] if first["run_dir"] else
                              "frozen embeddings, nothing meta-trained"},
                 "metric": metric,
                 "results": [{"setting": r["setting"], "mean": round(r["mean"], 2),
@@ -484,10 +510,10 @@ def records(compare_dir: Path, machine: str) -> list[tuple[str, dict]]:
                 "reproduce": [f"metalab compare --suite {suite} --out {compare_dir}",
                               f"python -m metalab.studies.intents --records {compare_dir}"],
             }
-            if note and method == "nearest-class-mean" and metric == "accuracy":
+            if note and metric == "accuracy" and (
+                    method == "nearest-class-mean" or suite in VARIANT_SUITES):
                 record["note"] = note
-            name_part = f"{method}-{suite.split('-')[1]}" + ("-recall" if metric == "recall"
-                                                            else "")
+            name_part = f"{method}-{setting_name}" + ("-recall" if metric == "recall" else "")
             out.append((f"{benchmark}/{name_part}.json", validate(record, name_part)))
     return out
 
