@@ -52,7 +52,8 @@ def folder(data_dir: str | os.PathLike | None = None) -> Path:
 def read(file: str, data_dir: str | os.PathLike | None = None) -> list[tuple[str, str]]:
     """The (text, intent) rows of ``train.csv`` or ``test.csv`` (``file``: train or test)."""
     if file not in ("train", "test"):
-        raise ValueError(f"BANKING77 has train.csv and test.csv; got {file!r}.")
+        raise ValueError(f"BANKING77's files are train.csv and test.csv: read 'train' or "
+                         f"'test', not {file!r}.")
     with (folder(data_dir) / f"{file}.csv").open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if not rows or set(rows[0]) != {"text", "category"}:
