@@ -359,10 +359,8 @@ def test_two_runs_started_into_one_folder_one_runs_the_other_is_refused(job):
     out = job / "together"
     first = subprocess.Popen(command(job / "job.yaml", "--out", str(out)), env=environment(),
                              stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not (out / ".lock").exists() or not (out / ".lock").read_text():
-        assert time.time() < deadline and first.poll() is None
-        time.sleep(0.05)
+    wait_until_it_holds(first, out)
+    assert first.poll() is None and f"pid {first.pid} " in (out / ".lock").read_text()
     second = subprocess.run(command(job / "job.yaml", "--out", str(out)), env=environment(),
                             capture_output=True, text=True, timeout=120)
     assert second.returncode == 2

@@ -20,6 +20,7 @@ import torch
 
 from metalab import text
 from metalab.data import banking77, clinc150
+from metalab.evaluate import open_set_right
 from metalab.studies.intents import (
     fit_threshold,
     logistic_regression,
@@ -226,6 +227,8 @@ def test_fit_threshold_by_hand() -> None:
     # rejected); 0.3-0.5: 3; 0.5-0.7: 4; 0.7-0.75: 4; 0.75-0.8: 5 (all out rejected, 0.9 and
     # 0.8 kept); 0.8-0.9: 4; above: 3. The best is the midpoint of 0.75 and 0.8.
     assert fit_threshold(in_scores, in_correct, out_scores) == pytest.approx(0.775)
+    assert open_set_right(in_scores, in_correct, out_scores,
+                          torch.tensor([0.775, 0.25, 0.1])).tolist() == [5, 4, 3]
     # without out-of-scope examples worth rejecting, nothing in scope is rejected
     assert fit_threshold(in_scores, torch.ones(4, dtype=torch.bool), torch.tensor([0.1])) < 0.3
 

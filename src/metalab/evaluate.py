@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from metalab.algorithms.base import MetaLearner
 
 __all__ = ["EvalResult", "check_finite", "evaluate", "fit_threshold", "mean_ci95",
-           "nonfinite_tensors"]
+           "nonfinite_tensors", "open_set_right"]
 
 
 @dataclass
@@ -142,7 +142,15 @@ def fit_threshold(in_scores: Tensor, in_correct: Tensor, out_scores: Tensor) -> 
     """
     values = torch.cat([in_scores, out_scores]).unique()
     candidates = torch.cat([values[:1] - 1, (values[1:] + values[:-1]) / 2, values[-1:] + 1])
-    accepted_correct = (in_scores[None] >= candidates[:, None]) & in_correct[None]
-    rejected_out = out_scores[None] < candidates[:, None]
-    right = accepted_correct.sum(1) + rejected_out.sum(1)
+    right = open_set_right(in_scores, in_correct, out_scores, candidates)
     return float(candidates[torch.argmax(right)])
+
+
+def open_set_right(in_scores: Tensor, in_correct: Tensor, out_scores: Tensor,
+                   thresholds: Tensor) -> Tensor:
+    """Per threshold, how many examples are right with "out of scope" as one more class:
+    in-scope ones classified correctly and kept (score >= threshold), out-of-scope ones
+    rejected (score below it)."""
+    accepted_correct = (in_scores[None] >= thresholds[:, None]) & in_correct[None]
+    rejected_out = out_scores[None] < thresholds[:, None]
+    return accepted_correct.sum(1) + rejected_out.sum(1)

@@ -341,6 +341,16 @@ def transformer_parts(encoder: str | os.PathLike | SentenceEncoder = DEFAULT_ENC
     return modules[0].auto_model, modules[0].tokenizer
 
 
+def frozen_layers(bert: torch.nn.Module, top_layers: int) -> int:
+    """How many of transformer ``bert``'s layers lie below its last ``top_layers`` (an error
+    unless 1 <= ``top_layers`` <= its layers)."""
+    count = len(bert.encoder.layer)
+    if not 1 <= top_layers <= count:
+        raise ValueError(f"top_layers (an encoder-top backbone's layers) must be between 1 "
+                         f"and the encoder's {count} layers; got {top_layers}.")
+    return count - top_layers
+
+
 def padding_mask(mask: Tensor) -> Tensor:
     """The additive attention mask ``[B, 1, 1, T]`` of token mask ``mask`` ``[B, T]``: 0 where
     a token is, the most negative float where padding is (BERT's convention)."""
@@ -374,14 +384,10 @@ def token_states(texts: Sequence[str], encoder: str | os.PathLike | SentenceEnco
     service's memory does not grow with what it is asked."""
     model = load_encoder(encoder)
     bert, tokenizer = transformer_parts(model)
-    count = len(bert.encoder.layer)
-    if not 1 <= top_layers <= count:
-        raise ValueError(f"top_layers must be between 1 and the encoder's {count} layers; "
-                         f"got {top_layers}.")
+    below = bert.encoder.layer[:frozen_layers(bert, top_layers)]
     kept = _TOKEN_STATES.setdefault((model.name, top_layers), {})
-    known = kept if remember else dict(kept)
-    missing = sorted(set(texts) - set(known), key=len)  # similar lengths batch together
-    below = bert.encoder.layer[:count - top_layers]
+    computed = kept if remember else {}
+    missing = sorted(set(texts) - kept.keys(), key=len)  # similar lengths batch together
     limit = getattr(model.model, "max_seq_length", None) or 512
     with torch.no_grad(), tqdm(total=len(missing), desc="token states", unit="sentence",
                                disable=True if not progress or not missing else None) as bar:
@@ -394,9 +400,9 @@ def token_states(texts: Sequence[str], encoder: str | os.PathLike | SentenceEnco
             states = run_layers(below, states, tokens["attention_mask"])
             for text, row, length in zip(batch, states, tokens["attention_mask"].sum(1),
                                          strict=True):
-                known[text] = row[:int(length)].clone()
+                computed[text] = row[:int(length)].clone()
             bar.update(len(batch))
-    return [known[t] for t in texts]
+    return [kept[t] if t in kept else computed[t] for t in texts]
 
 
 def sentence_inputs(texts: Sequence[str], encoder: str | os.PathLike | SentenceEncoder =
@@ -487,8 +493,11 @@ class SentenceClassifier:
     def __init__(self, algorithm: torch.nn.Module,
                  encoder: str | os.PathLike | SentenceEncoder = DEFAULT_ENCODER,
                  threshold: float | None = None) -> None:
+        from metalab.models.encoder_top import top_layers_of
+
         self.algorithm = algorithm.eval()
         self.encoder, self.threshold = encoder, threshold
+        self.top_layers = top_layers_of(algorithm)  # a fine-tuned top takes token states
         self.intents: list[str] = []
         self._predictor: Callable[[Tensor], Tensor] | None = None
 
@@ -520,8 +529,5 @@ class SentenceClassifier:
                                                         strict=True)]
 
     def _embed(self, sentences: Sequence[str], remember: bool) -> Tensor:
-        from metalab.models.encoder_top import encoder_layers
-
-        top = encoder_layers(self.algorithm)  # a fine-tuned top takes token states
-        return sentence_inputs(list(sentences), self.encoder, top[1] if top else 0,
-                               progress=False, remember=remember or not top)
+        return sentence_inputs(list(sentences), self.encoder, self.top_layers, progress=False,
+                               remember=remember or not self.top_layers)

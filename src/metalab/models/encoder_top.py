@@ -4,11 +4,11 @@ token states cached below them (:func:`metalab.text.token_states`).
 Meta-training a head over frozen sentence embeddings cannot change what the encoder
 distinguishes; fine-tuning the whole encoder per episode costs seconds on a CPU. Splitting it
 keeps both cheap: every sentence runs once through the frozen lower layers, and an episode
-runs only through the last ``layers`` (two of all-MiniLM-L6-v2's six: about 3.6 M
+runs only through the last ``layers`` (two of all-MiniLM-L6-v2's six: about 3.5 M
 parameters) and the encoder's pooling, the L2-normalised mean of the token states. Before
 any training the backbone gives exactly the encoder's sentence embedding. Dopierre et al.
 (ACL 2021, ProtAugment) fine-tune a whole BERT with the ProtoNet loss; here the same loss
-trains the top (config ``banking77/default-5w1s-top2``).
+trains the top (config ``banking77/protonet-5w1s-top2``).
 
 Configs pair it with the text data sets' ``top_layers`` option, which must equal
 ``layers``::
@@ -26,9 +26,16 @@ import os
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalab.text import DEFAULT_ENCODER, SentenceEncoder, run_layers, transformer_parts
+from metalab.text import (
+    DEFAULT_ENCODER,
+    SentenceEncoder,
+    frozen_layers,
+    run_layers,
+    transformer_parts,
+)
 
-__all__ = ["EncoderTop", "encoder_layers"]
+__all__ = ["EncoderTop", "top_layers_of"]
+
 
 class EncoderTop(nn.Module):
     """The last ``layers`` transformer layers of sentence encoder ``encoder`` (copies,
@@ -40,17 +47,14 @@ class EncoderTop(nn.Module):
                  layers: int = 2) -> None:
         super().__init__()
         bert, _ = transformer_parts(encoder)
-        count = len(bert.encoder.layer)
-        if not 1 <= layers <= count:
-            raise ValueError(f"layers must be between 1 and the encoder's {count}; got {layers}.")
+        below = frozen_layers(bert, layers)
         width = bert.config.hidden_size
         if len(input_shape) != 2 or input_shape[1] != width:
             raise ValueError(f"encoder-top takes token states [tokens, {width}]; the data give "
                              f"examples of shape {list(input_shape)}: set the text data set's "
                              f"top_layers option (dataset_options: {{top_layers: {layers}}}).")
-        self.encoder = encoder if isinstance(encoder, str) else str(getattr(encoder, "name", ""))
         self.top_layers = layers
-        self.layers = copy.deepcopy(bert.encoder.layer[count - layers:])
+        self.layers = copy.deepcopy(bert.encoder.layer[below:])
 
     def forward(self, states: Tensor) -> Tensor:
         mask = states.abs().sum(-1) > 0
@@ -61,8 +65,8 @@ class EncoderTop(nn.Module):
         pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return F.normalize(pooled, dim=-1)
 
-def encoder_layers(module: nn.Module) -> tuple[str, int] | None:
-    """``(encoder, top_layers)`` of the :class:`EncoderTop` inside ``module``, if any: what
-    its inputs must be (:func:`metalab.text.sentence_inputs`)."""
-    top = next((m for m in module.modules() if isinstance(m, EncoderTop)), None)
-    return None if top is None else (top.encoder, top.top_layers)
+
+def top_layers_of(module: nn.Module) -> int:
+    """The encoder layers the :class:`EncoderTop` inside ``module`` holds (0 if there is
+    none): the ``top_layers`` its sentence inputs need (:func:`metalab.text.sentence_inputs`)."""
+    return next((m.top_layers for m in module.modules() if isinstance(m, EncoderTop)), 0)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metalab.compare import Row, part_config, run_one
-from metalab.evaluate import fit_threshold, mean_ci95
+from metalab.evaluate import fit_threshold, mean_ci95, open_set_right
 from metalab.kinds import CLASSIFICATION
 from metalab.tasks import ClassDataset
 
@@ -345,9 +345,9 @@ def _fit_open_set(fits: list[Callable[[Tensor, Tensor], Callable[[Tensor], Tenso
         predict = fit(support_x, support_y)
         val_score, val_predicted = predict(val_x).max(1)
         out_score = predict(val_oos).max(1).values
-        threshold = fit_threshold(val_score, val_predicted == val_y, out_score)
-        right = int(((val_score >= threshold) & (val_predicted == val_y)).sum()
-                    + (out_score < threshold).sum())
+        correct = val_predicted == val_y
+        threshold = fit_threshold(val_score, correct, out_score)
+        right = int(open_set_right(val_score, correct, out_score, torch.tensor([threshold]))[0])
         if best is None or right > best[0]:
             best = (right, predict, threshold)
     return best[1], best[2]
