@@ -251,6 +251,40 @@ def test_finetune_all_changes_the_predictor_backbone() -> None:
     assert any(not torch.equal(p, copied[k]) for k, p in algo.backbone.named_parameters())
 
 
+@pytest.mark.parametrize("finetune_all", [False, True])
+def test_finetune_batch_as_large_as_the_support_is_the_full_batch_fit(finetune_all: bool) -> None:
+    spec = TaskSpec(input_shape=(DIM,), num_classes=10)
+    support_x, support_y = separable_support()
+    torch.manual_seed(0)
+    backbone = nn.Linear(DIM, DIM)
+    fits = []
+    for batch in (None, len(support_y), 4 * len(support_y)):
+        algo = FineTune(backbone, spec, head="cosine", finetune_steps=7,
+                        finetune_all=finetune_all, finetune_batch=batch).eval()
+        with torch.no_grad():
+            fits.append(algo.adapt(support_x, support_y)(support_x))
+    # one shuffled batch per epoch: the same mean loss, summed in another order
+    torch.testing.assert_close(fits[1], fits[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fits[2], fits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_finetune_in_minibatches_fits_and_is_deterministic() -> None:
+    spec = TaskSpec(input_shape=(DIM,), num_classes=10)
+    support_x, support_y = separable_support()
+    algo = FineTune(nn.Identity(), spec, finetune_steps=10, finetune_batch=4).eval()
+    full = FineTune(nn.Identity(), spec, finetune_steps=10).eval()
+    with torch.no_grad():
+        first = algo.adapt(support_x, support_y)(support_x)
+        second = algo.adapt(support_x, support_y)(support_x)
+        full_batch = full.adapt(support_x, support_y)(support_x)
+    assert torch.equal(first, second)
+    assert torch.equal(first.argmax(-1), support_y)
+    # 10 epochs of 4 mini-batches take 40 steps, so the margins grow beyond 10 full-batch steps'
+    assert not torch.allclose(first, full_batch)
+    with pytest.raises(ValueError, match="finetune_batch"):
+        FineTune(nn.Identity(), spec, finetune_batch=0)
+
+
 def test_finetune_needs_global_classes() -> None:
     with pytest.raises(ValueError, match="num_classes"):
         FineTune(nn.Identity(), TaskSpec(input_shape=(DIM,)))

@@ -267,15 +267,16 @@ def test_open_set_fit_keeps_the_candidate_best_on_validation() -> None:
 
 
 def test_logistic_probabilities_leave_mass_to_the_out_of_scope_class() -> None:
-    from metalab.studies.intents import _logistic_probabilities
+    from metalab.studies.intents import _fit_logistic, _in_scope_probabilities
 
     generator = torch.Generator().manual_seed(0)
     centres = torch.tensor([[4.0, 0.0], [0.0, 4.0], [-4.0, -4.0]])
     x = centres[:2].repeat(10, 1) + 0.3 * torch.randn(20, 2, generator=generator)
     y = torch.arange(2).repeat(10)
     out_x = centres[2] + 0.3 * torch.randn(10, 2, generator=generator)
-    closed = _logistic_probabilities(x, y, l2=0.1)
-    open_ = _logistic_probabilities(x, y, l2=0.1, out_x=out_x)
+    fit = functools.partial(_fit_logistic, l2=0.1)
+    closed = _in_scope_probabilities(fit, x, y)
+    open_ = _in_scope_probabilities(fit, x, y, out_x=out_x)
     queries = torch.cat([centres, 0.0 * centres[:1]])
     assert closed(queries).shape == open_(queries).shape == (4, 2)
     assert torch.allclose(closed(queries).sum(1), torch.ones(4))
@@ -459,6 +460,77 @@ def test_encoder_top_needs_token_states_below_its_layers(minilm: str) -> None:
         build_backbone("encoder-top", (384,), layers=2)
     with pytest.raises(ValueError, match="between 1 and the encoder's 6"):
         text.token_states(["hi"], minilm, top_layers=7)
+
+
+def test_finetuned_top_starts_as_the_class_mean_and_fits_its_support(minilm: str, monkeypatch
+                                                                     ) -> None:
+    """Zero epochs: the imprinted cosine head over the untrained top is the nearest class mean
+    of the encoder's embeddings (scaled); two epochs fit the support, deterministically,
+    without changing the encoder anyone else uses."""
+    from metalab.studies import intents
+    from metalab.text import sentence_inputs
+
+    sentences = [t for t, _ in SUPPORT]
+    states = sentence_inputs(sentences, minilm, top_layers=2, progress=False)
+    support_y = torch.tensor([0, 0, 1, 1])
+    queries = ["my card never came", "top up please", "where is my card"]
+    query_states = sentence_inputs(queries, minilm, top_layers=2, progress=False)
+    frozen = text.load_encoder(minilm).encode(sentences + queries)
+    expected = 20.0 * nearest_class_mean(frozen[:4], support_y, 2)(frozen[4:])
+    with monkeypatch.context() as patched:
+        patched.setitem(intents.FINETUNE_TOP, "finetune_steps", 0)
+        untrained = intents.finetuned_top(states, support_y)
+        torch.testing.assert_close(untrained(query_states), expected, rtol=0, atol=1e-3)
+    first = intents.finetuned_top(states, support_y)
+    trained = first(states)
+    assert torch.equal(trained.argmax(1), support_y)
+    assert (torch.nn.functional.cross_entropy(trained, support_y)
+            < 0.9 * torch.nn.functional.cross_entropy(untrained(states), support_y))
+    torch.testing.assert_close(intents.finetuned_top(states, support_y)(query_states),
+                               first(query_states), rtol=0, atol=0)
+    assert torch.equal(sentence_inputs(sentences, minilm, top_layers=2, progress=False), states)
+    # out-of-scope sentences as one more class: their token states are padded to the support's
+    out_of_scope = ["what is the weather like tomorrow", "play some jazz"]
+    out_states = sentence_inputs(out_of_scope, minilm, top_layers=2, progress=False)
+    assert out_states.shape[1] != states.shape[1]
+    with_out = intents._in_scope_probabilities(intents.finetuned_top, states, support_y,
+                                               out_x=out_states)
+    in_scope = with_out(torch.nn.functional.pad(out_states, (0, 0, 0, 3)))  # padding: no change
+    assert in_scope.shape == (2, 2) and (in_scope.sum(1) < 0.5).all()
+    assert torch.equal(with_out(query_states).argmax(1), torch.tensor([0, 1, 0]))
+
+
+def test_top2_records_keep_the_fine_tuned_rows_and_leave_the_main_suites_baselines(
+        tmp_path: Path) -> None:
+    import json
+
+    from metalab.studies.intents import FINETUNE_TOP, FINETUNED_TOP, records
+
+    def row(algorithm: str, family: str, shots: int, mean: float) -> dict:
+        return {"task": f"banking77 77-way {shots}-shot (all test sentences)",
+                "algorithm": algorithm, "family": family, "mean": mean, "ci95": 0.3,
+                "train_seconds": 0.0, "train_steps": 0, "run_dir": ""}
+
+    (tmp_path / "banking77-77w-top2").mkdir()
+    (tmp_path / "banking77-77w-top2" / "table.json").write_text(json.dumps(
+        [row(FINETUNED_TOP, "baseline (fine-tuned)", k, 80.0 + k * 0.6) for k in (5, 8, 10)]
+        + [row("nearest class mean", "baseline (frozen)", 10, 80.0)]))
+    (name, record), = records(tmp_path, "test machine")
+    assert name == "banking77-77w/finetuned-encoder-top-77w-top2.json"
+    assert [r["setting"] for r in record["results"]] == ["k5", "k8", "k10"]
+    assert record["config"]["values"] == {"algorithm": "finetuned-encoder-top", "top_layers": 2,
+                                          **FINETUNE_TOP}
+    assert record["note"].startswith("Bar: K=10 at least 85.2% (USE+ConveRT 85.19): met by")
+    assert "nothing here is meta-learned" in record["note"]
+
+
+def test_top2_full_way_suites_meta_train_nothing(tmp_path: Path) -> None:
+    from metalab.compare import run_compare
+
+    for suite in ("banking77-77w-top2", "clinc150-oos-top2"):
+        with pytest.raises(ValueError, match="meta-trains nothing: run it without --algorithms"):
+            run_compare(suite, algorithms=["protonet"], out=tmp_path, progress=False,
+                        plots=False)
 
 
 # -- the text suites of metalab compare ------------------------------------------------------------

@@ -203,8 +203,11 @@ BENCHMARKS: dict[str, Benchmark] = {
         "(3,080 sentences); mean ± 95% CI over the draws. Meta-learned heads are trained on "
         "another data set, CLINC150 without its banking and credit-card domains, in 77-way "
         "10-shot episodes, then adapted to the K-shot support; the baselines fit the frozen "
-        "embeddings directly (logistic regression as MTEB does, nearest class mean). "
-        "Published rows use other, larger encoders.",
+        "embeddings directly (logistic regression as MTEB does, nearest class mean). The "
+        "fine-tuned encoder top trains MiniLM's last two layers and a cosine head on each "
+        "K-shot support set (3 epochs, mini-batches of 32, Adam at 5e-5 for the layers and "
+        "1e-3 for the head), nothing meta-trained (`metalab compare --suite "
+        "banking77-77w-top2`, same draws). Published rows use other, larger encoders.",
         {f"k{k}": Setting(f"K={k}", "accuracy") for k in (5, 8, 10)},
         ("export METALAB_DATA=../shared/data   # the folder holding banking77/, clinc150/",)),
     "clinc150-oos": Benchmark(
@@ -219,8 +222,10 @@ BENCHMARKS: dict[str, Benchmark] = {
         "of classes apply. Frozen baselines: the nearest class mean, logistic regression, "
         "and logistic regression with the 100 out-of-scope training sentences as a 151st "
         "class (Larson et al.'s \"oos-train\"), each logistic regression's L2 weight chosen "
-        "per draw by the same validation accuracy as the threshold. Published rows were "
-        "trained on the full data (100 per intent).",
+        "per draw by the same validation accuracy as the threshold. The fine-tuned encoder "
+        "top trains MiniLM's last two layers and a cosine head on each support set as in "
+        "the BANKING77 77-way table (`metalab compare --suite clinc150-oos-top2`, same "
+        "draws). Published rows were trained on the full data (100 per intent).",
         {"in-scope": Setting("in-scope accuracy", "accuracy"),
          "oos-recall": Setting("out-of-scope recall", "recall")},
         ("export METALAB_DATA=../shared/data   # the folder holding clinc150/, banking77/",)),
@@ -259,6 +264,7 @@ DISPLAY_NAMES: dict[str, str] = {
         ("dlinear", "DLinear"), ("nearest-class-mean", "Nearest class mean (frozen)"),
         ("logistic-regression", "Logistic regression (frozen)"),
         ("logistic-regression-oos-class", "Logistic regression + out-of-scope class (frozen)"),
+        ("finetuned-encoder-top", "Fine-tuned encoder top (no meta-training)"),
         ("use-convert", "USE+ConveRT (frozen)"), ("cpft", "CPFT"),
         ("bert-threshold", "BERT + threshold"))},
 }
@@ -267,7 +273,7 @@ OTHER_METHODS = ("global-mean", "item-mean", "item-bias-user-offset", "matrix-fa
                  "zero-shot", "ridge-scratch", "ridge-shrunk", "target-only-sgd", "time-llm",
                  "gpt4ts", "patchtst", "dlinear",
                  "nearest-class-mean", "logistic-regression", "logistic-regression-oos-class",
-                 "use-convert", "cpft",
+                 "finetuned-encoder-top", "use-convert", "cpft",
                  "bert-threshold")
 
 HEADER = """\
