@@ -265,6 +265,8 @@ DISPLAY_NAMES: dict[str, str] = {
         ("logistic-regression", "Logistic regression (frozen)"),
         ("logistic-regression-oos-class", "Logistic regression + out-of-scope class (frozen)"),
         ("finetuned-encoder-top", "Fine-tuned encoder top (no meta-training)"),
+        ("finetuned-encoder-top-oos-class",
+         "Fine-tuned encoder top + out-of-scope class (no meta-training)"),
         ("use-convert", "USE+ConveRT (frozen)"), ("cpft", "CPFT"),
         ("bert-threshold", "BERT + threshold"))},
 }
@@ -273,7 +275,8 @@ OTHER_METHODS = ("global-mean", "item-mean", "item-bias-user-offset", "matrix-fa
                  "zero-shot", "ridge-scratch", "ridge-shrunk", "target-only-sgd", "time-llm",
                  "gpt4ts", "patchtst", "dlinear",
                  "nearest-class-mean", "logistic-regression", "logistic-regression-oos-class",
-                 "finetuned-encoder-top", "use-convert", "cpft",
+                 "finetuned-encoder-top", "finetuned-encoder-top-oos-class", "use-convert",
+                 "cpft",
                  "bert-threshold")
 
 HEADER = """\
