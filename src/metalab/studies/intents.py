@@ -560,7 +560,9 @@ def _bar_note(suite: str, rows: list[dict]) -> str | None:
         shown = "; ".join(f"{n} {m['in-scope accuracy']:.1f} / {m['out-of-scope recall']:.1f}"
                           for n, m in pairs.items())
         return (f"Bar: in-scope accuracy at least 90% with out-of-scope recall at least 60%: "
-                f"{'met by ' + ', '.join(ok) if ok else 'not met'} (in-scope / recall: {shown}).")
+                f"{'met by ' + ', '.join(ok) if ok else 'not met'} (in-scope / recall: {shown})."
+                + (" These rows are baselines: nothing here is meta-learned."
+                   if suite.endswith("top2") else ""))
     return None
 
 
