@@ -577,6 +577,7 @@ def test_text_suites_give_rows_with_their_baselines(fake_default_encoder, tmp_pa
     assert {r.algorithm for r in oos} == {"protonet", "nearest class mean", "logistic regression",
                                           "logistic regression + oos class"}  # maml: 77 heads
     assert {r.task.split(", ")[1] for r in oos} == {"in-scope accuracy", "out-of-scope recall"}
+    assert all(r.adapt_ms > 0 and r.query_ms > 0 for r in oos)  # timed per draw, nan before
 
 
 @pytest.mark.realdata
