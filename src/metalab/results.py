@@ -249,35 +249,31 @@ BATCH_NORM: dict[str, str] = {
 TRAIN_SPLITS: dict[str, str] = {"trainval": "train+val splits", "train": "train split"}
 DEFAULT_DECIMALS: dict[str, int] = {"accuracy": 2, "mse": 3, "mae": 3, "rmse": 3, "ndcg": 3,
                                      "recall": 2}
+# Rows that are not metalab algorithms: the studies' baselines and published models.
+OTHER_DISPLAY_NAMES: dict[str, str] = {
+    "global-mean": "Global mean", "item-mean": "Item mean",
+    "item-bias-user-offset": "Item bias + user offset",
+    "matrix-factorization": "Matrix factorisation (ALS, fold-in)",
+    "zero-shot": "Zero-shot (source ridge)", "ridge-scratch": "Ridge from scratch",
+    "ridge-shrunk": "Ridge shrunk toward source", "target-only-sgd": "Target-only SGD",
+    "time-llm": "Time-LLM", "gpt4ts": "GPT4TS", "patchtst": "PatchTST",
+    "dlinear": "DLinear", "nearest-class-mean": "Nearest class mean (frozen)",
+    "logistic-regression": "Logistic regression (frozen)",
+    "logistic-regression-oos-class": "Logistic regression + out-of-scope class (frozen)",
+    "finetuned-encoder-top": "Fine-tuned encoder top (no meta-training)",
+    "finetuned-encoder-top-oos-class":
+        "Fine-tuned encoder top + out-of-scope class (no meta-training)",
+    "use-convert": "USE+ConveRT (frozen)", "cpft": "CPFT",
+    "bert-threshold": "BERT + threshold",
+}
+OTHER_METHODS = tuple(OTHER_DISPLAY_NAMES)
 DISPLAY_NAMES: dict[str, str] = {
     "protonet": "ProtoNet", "matchingnet": "MatchingNet", "relationnet": "RelationNet",
     "finetune": "Fine-tune baseline", "pretrained": "Pretrained baseline", "maml": "MAML",
     "fomaml": "FOMAML", "anil": "ANIL", "metasgd": "Meta-SGD", "reptile": "Reptile",
     "snail": "SNAIL", "mann": "MANN", "recurrent": "Recurrent (LSTM)", "cnp": "CNP",
-    **{name: display for name, display in (
-        ("global-mean", "Global mean"), ("item-mean", "Item mean"),
-        ("item-bias-user-offset", "Item bias + user offset"),
-        ("matrix-factorization", "Matrix factorisation (ALS, fold-in)"),
-        ("zero-shot", "Zero-shot (source ridge)"), ("ridge-scratch", "Ridge from scratch"),
-        ("ridge-shrunk", "Ridge shrunk toward source"), ("target-only-sgd", "Target-only SGD"),
-        ("time-llm", "Time-LLM"), ("gpt4ts", "GPT4TS"), ("patchtst", "PatchTST"),
-        ("dlinear", "DLinear"), ("nearest-class-mean", "Nearest class mean (frozen)"),
-        ("logistic-regression", "Logistic regression (frozen)"),
-        ("logistic-regression-oos-class", "Logistic regression + out-of-scope class (frozen)"),
-        ("finetuned-encoder-top", "Fine-tuned encoder top (no meta-training)"),
-        ("finetuned-encoder-top-oos-class",
-         "Fine-tuned encoder top + out-of-scope class (no meta-training)"),
-        ("use-convert", "USE+ConveRT (frozen)"), ("cpft", "CPFT"),
-        ("bert-threshold", "BERT + threshold"))},
+    **OTHER_DISPLAY_NAMES,
 }
-# Rows that are not metalab algorithms: the studies' baselines and published models.
-OTHER_METHODS = ("global-mean", "item-mean", "item-bias-user-offset", "matrix-factorization",
-                 "zero-shot", "ridge-scratch", "ridge-shrunk", "target-only-sgd", "time-llm",
-                 "gpt4ts", "patchtst", "dlinear",
-                 "nearest-class-mean", "logistic-regression", "logistic-regression-oos-class",
-                 "finetuned-encoder-top", "finetuned-encoder-top-oos-class", "use-convert",
-                 "cpft",
-                 "bert-threshold")
 
 HEADER = """\
 # Results
