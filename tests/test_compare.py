@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +160,40 @@ def test_every_builtin_suite_has_a_config_for_every_algorithm(suite_name) -> Non
         for name, cls in compare.ALGORITHMS.items():
             if cls.supports(kind):
                 assert compare.part_config(part, name).algorithm == name
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread here, so that worker processes get one too and rows compare bit for
+    bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_jobs_train_side_by_side_and_give_the_same_rows(one_thread, tmp_path,
+                                                       monkeypatch) -> None:
+    configs = [compare.limited(compare.part_config("quick/sinusoid-{}", name), 8, None)
+               .replace(test_episodes=20, val_episodes=10) for name in ("maml", "reptile")]
+    apart = compare.run_many(configs, tmp_path / "apart", progress=False)
+
+    def not_here(self):
+        raise AssertionError("trained in the calling process")
+
+    monkeypatch.setattr(Trainer, "fit", not_here)  # the spawned workers train unpatched
+    side_by_side = compare.run_many(configs, tmp_path / "side", progress=False, jobs=2)
+    assert [r.algorithm for r in side_by_side] == ["maml", "reptile"]
+    for a, b in zip(apart, side_by_side, strict=True):
+        assert (a.mean, a.ci95, a.train_steps) == (b.mean, b.ci95, b.train_steps)
+        assert b.train_steps == 8 and Path(b.run_dir).parent == tmp_path / "side"
+    with pytest.raises(ValueError, match="jobs must be at least 1; got 0"):
+        compare.run_many(configs, tmp_path / "side", progress=False, jobs=0)
+
+
+def test_a_failed_run_in_a_worker_names_the_run(one_thread, tmp_path) -> None:
+    broken = compare.part_config("omniglot/{}-5w1s", "protonet").replace(
+        data_dir=str(tmp_path / "no-data"))
+    with pytest.raises(RuntimeError, match="training protonet on omniglot in a worker process "
+                       "failed: .*Omniglot"):
+        compare.run_many([broken, broken.replace(seed=1)], tmp_path, progress=False, jobs=2)

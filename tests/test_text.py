@@ -163,6 +163,16 @@ def test_banking77_counts_and_folds() -> None:
 
 
 @pytest.mark.realdata
+def test_banking77_train_plus_val_holds_both_splits_intents(tmp_path, monkeypatch) -> None:
+    root = real_data_dir("banking77")
+    monkeypatch.setenv("METALAB_CACHE", str(tmp_path))
+    both = banking77.load("train+val", root, fold=2, encoder=CountingEncoder(), progress=False)
+    expected = banking77.fold_intents(2, "train", root) + banking77.fold_intents(2, "val", root)
+    assert both.names == expected and len(expected) == 50
+    assert set(expected).isdisjoint(banking77.fold_intents(2, "test", root))
+
+
+@pytest.mark.realdata
 def test_clinc150_counts_and_domain_splits() -> None:
     root = real_data_dir("clinc150")
     counts = {part: len(clinc150.read(part, root)) for part in ("train", "val", "test")}
@@ -626,3 +636,26 @@ def _serve(www: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         httpd.shutdown()
         httpd.server_close()
         thread.join()
+
+
+def test_text_suites_train_their_runs_side_by_side_when_asked(tmp_path, monkeypatch) -> None:
+    """``--jobs`` reaches the meta-trainings of the episodic suites and of the heads the
+    full-way and out-of-scope suites adapt."""
+    from metalab.compare import run_compare
+    from metalab.studies import intents
+
+    asked = []
+
+    def record(configs, out, fresh, progress, jobs):
+        asked.append(([(c.algorithm, c.dataset_options.get("fold")) for c in configs], jobs))
+        raise StopIteration  # stop before anything loads data
+
+    monkeypatch.setattr(intents, "run_many", record)
+    monkeypatch.setattr(intents, "_default_algorithms", lambda: ["maml", "protonet"])
+    with pytest.raises(StopIteration):
+        run_compare("banking77-5w1s", out=tmp_path, progress=False, jobs=2)
+    assert asked[-1] == ([(a, fold) for a in ("maml", "protonet") for fold in intents.FOLDS], 2)
+    with pytest.raises(StopIteration):
+        intents._adapters("clinc150/{}-oos", ["protonet", "matchingnet"], None, None, tmp_path,
+                          fresh=False, progress=False, jobs=3)
+    assert asked[-1] == ([("protonet", None), ("matchingnet", None)], 3)

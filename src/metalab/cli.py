@@ -276,7 +276,8 @@ def _compare(args: argparse.Namespace) -> None:
         out=Path(args.out), fresh=args.fresh, progress=not args.quiet,
         shots=None if args.shots == "none" else numbers(args.shots, int, "--shots"),
         shot_episodes=args.shot_episodes,
-        diversity=numbers(args.diversity, float, "--diversity") if args.diversity else None)
+        diversity=numbers(args.diversity, float, "--diversity") if args.diversity else None,
+        jobs=args.jobs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -425,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default when given alone: 0.1,0.25,0.5,1); retrains every algorithm")
     cmp.add_argument("--out", default="runs/compare", help="output folder (runs/compare)")
     cmp.add_argument("--fresh", action="store_true", help="retrain even if cached")
+    cmp.add_argument("--jobs", type=int, default=1, help="trainings run at once, each in its "
+                     "own process with an equal share of the CPU threads (1); on a CPU, e.g. "
+                     "one per core: small models train faster side by side")
     cmp.add_argument("--quiet", action="store_true", help="no progress bars")
     cmp.set_defaults(func=_compare)
     return parser

@@ -28,7 +28,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from metalab.io import atomic_write_text, cached_json
 from metalab.kinds import TaskKind, get_kind
 
 __all__ = ["ADAPT_MEMORY_EPISODES", "Comparison", "Row", "parse_budget", "part_config",
-           "run_compare", "suite_parts", "task_kind", "task_label"]
+           "run_compare", "run_many", "run_one", "suite_parts", "task_kind", "task_label"]
 
 # suite -> config patterns, one per task distribution; "{}" is the algorithm (or "default").
 SUITES: dict[str, tuple[str, ...]] = {
@@ -194,6 +194,16 @@ def _train_and_score(config: Config, run_dir: Path, progress: bool) -> Row:
                adapt_grad_steps=algo.adaptation_steps(), run_dir=str(run_dir))
 
 
+def limited(config: Config, steps: int | None, budget: float | None) -> Config:
+    """``config`` with ``steps`` training steps (validation at least once) or ``budget``
+    seconds of training instead of its own steps, if given."""
+    if steps is not None:
+        config = config.replace(steps=steps, val_every=min(config.val_every, steps))
+    if budget is not None:
+        config = config.replace(steps=10**9, time_budget=budget)
+    return config
+
+
 def run_one(config: Config, out: Path, fresh: bool = False, progress: bool = True) -> Row:
     """Train and score ``config`` in its run folder under ``out``, or read the cached row."""
     run_dir = _run_dir(config, out)
@@ -203,6 +213,67 @@ def run_one(config: Config, out: Path, fresh: bool = False, progress: bool = Tru
     row = _train_and_score(config, run_dir, progress)
     atomic_write_text(json.dumps(asdict(row), indent=2) + "\n", cached)
     return row
+
+
+def run_many(configs: Sequence[Config], out: Path, fresh: bool = False, progress: bool = True,
+             jobs: int = 1) -> list[Row]:
+    """:func:`run_one` for each of ``configs``, rows in the same order.
+
+    With ``jobs`` > 1 the runs not cached yet (all of them with ``fresh``) first train side by
+    side in ``jobs`` worker processes, each with an equal share of torch's threads: the small
+    models of a suite keep one core busy each better than they share all of them. A run's
+    row does not depend on where it trained, except through the number of threads its
+    reductions use. Workers are spawned, so they import metalab afresh: algorithms, backbones
+    and data sets registered at run time must be registered when the calling script's module
+    is imported (as multiprocessing's spawn expects)."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1; got {jobs}.")
+    if jobs > 1:
+        pending = {_run_dir(config, out): config for config in configs}
+        _train_in_processes([config for run_dir, config in pending.items()
+                             if fresh or not (run_dir / "row.json").exists()],
+                            out, fresh, progress, jobs)
+        fresh = False  # every row is in the cache now
+    rows = []
+    for config in configs:
+        limit = (f"{config.time_budget:.0f} s" if config.time_budget > 0
+                 else f"{config.steps} steps")
+        options = "".join(f" {key}={value}" for key, value in config.dataset_options.items())
+        print(f"== {config.algorithm} on {config.dataset}{options}: {limit} of meta-training")
+        rows.append(run_one(config, out, fresh, progress))
+    return rows
+
+
+def _train_in_processes(configs: list[Config], out: Path, fresh: bool, progress: bool,
+                        jobs: int) -> None:
+    if not configs:
+        return
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    import torch
+    from tqdm.auto import tqdm
+
+    workers = min(jobs, len(configs))
+    threads = max(1, torch.get_num_threads() // workers)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        futures = {pool.submit(run_one, config, out, fresh, False): config
+                   for config in configs}
+        with tqdm(total=len(futures), desc=f"training in {workers} processes", unit="run",
+                  disable=not progress) as bar:
+            remaining = set(futures)
+            while remaining:
+                done, remaining = wait(remaining, return_when=FIRST_EXCEPTION)
+                bar.update(len(done))
+                for future in done:
+                    if future.exception() is not None:
+                        for other in remaining:
+                            other.cancel()
+                        config = futures[future]
+                        raise RuntimeError(
+                            f"training {config.algorithm} on {config.dataset} in a worker "
+                            f"process failed: {future.exception()}") from future.exception()
 
 
 # -- studies -----------------------------------------------------------------------------------
@@ -262,19 +333,20 @@ def run_compare(
     suite: str = "quick", algorithms: list[str] | None = None, steps: int | None = None,
     budget: float | None = None, out: Path = Path("runs/compare"), fresh: bool = False,
     progress: bool = True, shots: list[int] | None = None, shot_episodes: int = 100,
-    diversity: list[float] | None = None, plots: bool = True,
+    diversity: list[float] | None = None, plots: bool = True, jobs: int = 1,
 ) -> Comparison:
     """Train and score each algorithm on each part of ``suite``; print and write the table,
     run the requested studies and draw the plots.
 
     ``algorithms`` defaults to every registered algorithm, each on the parts whose kind of
     task it handles. ``steps`` fixes the training steps of every algorithm; ``budget``
-    (seconds) instead trains each one for that long, whatever its config's steps.
+    (seconds) instead trains each one for that long, whatever its config's steps. ``jobs``
+    trains that many runs at once, in worker processes (:func:`run_many`).
     """
     protocol = _protocols().get(suite)
     if protocol is not None:  # a suite with a protocol of its own (metalab.studies.intents)
         rows = protocol(algorithms=algorithms, steps=steps, budget=budget, out=out / suite,
-                        fresh=fresh, progress=progress)
+                        fresh=fresh, progress=progress, jobs=jobs)
         comparison = Comparison(rows=rows)
         print(markdown_table(rows))
         comparison.files = write_outputs(comparison, out / suite, plots)
@@ -284,17 +356,9 @@ def run_compare(
     kinds = {part: task_kind(part_config(part, "protonet")) for part in parts}
     pairs = _selected(kinds, algorithms)
     out = out / Path(suite).stem
-    comparison = Comparison(rows=[])
-    for part, name in pairs:
-        config = part_config(part, name)
-        if steps is not None:
-            config = config.replace(steps=steps, val_every=min(config.val_every, steps))
-        if budget is not None:
-            config = config.replace(steps=10**9, time_budget=budget)
-        limit = f"{budget:.0f} s" if budget is not None else f"{config.steps} steps"
-        print(f"== {name} on {task_label(config, kinds[part])}: {limit} of meta-training")
-        row = run_one(config, out, fresh, progress)
-        comparison.rows.append(row)
+    configs = [limited(part_config(part, name), steps, budget) for part, name in pairs]
+    comparison = Comparison(rows=run_many(configs, out, fresh, progress, jobs))
+    for (part, name), config, row in zip(pairs, configs, comparison.rows, strict=True):
         if shots and kinds[part].classes:
             comparison.shots.setdefault(row.task, {})[name] = shots_curve(
                 row, shots, shot_episodes, fresh)

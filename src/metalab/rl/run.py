@@ -256,16 +256,20 @@ PAPER_NAV2D = [-40.41, -11.68, -3.33, -3.23]
 
 def nav2d(algorithms: list[str] | None = None, steps: int | None = None,
           budget: float | None = None, out: Path = Path("runs/compare/nav2d"),
-          fresh: bool = False, progress: bool = True) -> list:
+          fresh: bool = False, progress: bool = True, jobs: int = 1) -> list:
     """Rows of the ``nav2d`` suite: MAML-TRPO, the pretrained baseline, RL² and the random
     initialisation on the same fixed test goals, scored by the return after ``ROW_STEPS``
     adaptation steps. Runs already trained in ``out/<config>`` are scored, not retrained
     (unless ``fresh``); the random initialisation's record is ``random-init.test.json``.
+    Its runs train one after the other (``jobs`` must be 1).
     Drawn to ``out``: the return against adaptation steps beside the paper's
     (``returns.png``), MAML's paths to a few test goals (``paths.png``) and the training
     returns against meta-iterations (``training.png``)."""
     from metalab.plots import curves
 
+    if jobs != 1:
+        raise ValueError("the nav2d suite trains its runs one after the other; run it without "
+                         "--jobs.")
     rows, lines = [], {}
     for name in NAV2D_SUITE:
         config = load_config(name, [f"out={out / Path(name).name}"])

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from metalab.compare import Row, part_config, run_one
+from metalab.compare import Row, part_config, run_many
 from metalab.evaluate import fit_threshold, mean_ci95, open_set_right
 from metalab.kinds import CLASSIFICATION
 from metalab.tasks import ClassDataset
@@ -201,17 +201,10 @@ def _average_folds(rows: list[Row], task: str) -> Row:
 
 def _configs(pattern: str, algorithms: list[str] | None, steps: int | None,
              budget: float | None) -> list:
-    from metalab.compare import _selected
+    from metalab.compare import _selected, limited
 
-    configs = []
-    for _, name in _selected({pattern: CLASSIFICATION}, algorithms):
-        config = part_config(pattern, name)
-        if steps is not None:
-            config = config.replace(steps=steps, val_every=min(config.val_every, steps))
-        if budget is not None:
-            config = config.replace(steps=10**9, time_budget=budget)
-        configs.append(config)
-    return configs
+    return [limited(part_config(pattern, name), steps, budget)
+            for _, name in _selected({pattern: CLASSIFICATION}, algorithms)]
 
 
 def _default_algorithms() -> list[str]:
@@ -230,17 +223,17 @@ def _default_algorithms() -> list[str]:
 
 
 def _adapters(pattern: str, algorithms: list[str], steps: int | None, budget: float | None,
-              out: Path, fresh: bool, progress: bool) -> dict[str, tuple[Callable, Row]]:
-    """Each algorithm meta-trained on ``pattern``'s config (or read from compare's cache):
-    name -> (its ``adapt``, its training row)."""
+              out: Path, fresh: bool, progress: bool, jobs: int,
+              ) -> dict[str, tuple[Callable, Row]]:
+    """Each algorithm meta-trained on ``pattern``'s config (or read from compare's cache),
+    ``jobs`` at a time: name -> (its ``adapt``, its training row)."""
     from metalab.runs import load_checkpoint
 
     adapters = {}
-    for config in _configs(pattern, algorithms, steps, budget):
-        print(f"== {config.algorithm}: meta-training on {config.dataset}/{config.train_split}")
-        row = run_one(config, out, fresh, progress)
+    for row in run_many(_configs(pattern, algorithms, steps, budget), out, fresh, progress,
+                        jobs):
         algo, _ = load_checkpoint(Path(row.run_dir) / "best.pt")
-        adapters[config.algorithm] = (algo.eval().adapt, row)
+        adapters[row.algorithm] = (algo.eval().adapt, row)
     return adapters
 
 
@@ -248,7 +241,8 @@ def _adapters(pattern: str, algorithms: list[str], steps: int | None, budget: fl
 
 def episodic(shots: int, algorithms: list[str] | None = None, steps: int | None = None,
              budget: float | None = None, out: Path = Path("runs/compare"),
-             fresh: bool = False, progress: bool = True, variant: str = "") -> list[Row]:
+             fresh: bool = False, progress: bool = True, variant: str = "", jobs: int = 1,
+             ) -> list[Row]:
     """``banking77-5w{shots}s``: rows averaged over the five ProtAugment folds. A
     ``variant`` trains from the configs ``banking77/<algorithm>-5w{shots}s-<variant>``
     (``top2``: the encoder's last two layers meta-trained, ProtoNet by default)."""
@@ -256,17 +250,13 @@ def episodic(shots: int, algorithms: list[str] | None = None, steps: int | None 
     from metalab.tasks import fixed_episodes
 
     task = f"banking77 5-way {shots}-shot (5 folds)"
-    rows = []
     pattern = f"banking77/{{}}-5w{shots}s" + (f"-{variant}" if variant else "")
     chosen = algorithms or (list(VARIANT_ALGORITHMS) if variant else _default_algorithms())
-    for fold_config in _configs(pattern, chosen, steps, budget):
-        per_fold = []
-        for fold in FOLDS:
-            config = fold_config.replace(
-                dataset_options={**fold_config.dataset_options, "fold": fold})
-            print(f"== {config.algorithm} on BANKING77 fold {fold}, {shots}-shot")
-            per_fold.append(run_one(config, out, fresh, progress))
-        rows.append(_average_folds(per_fold, task))
+    configs = [config.replace(dataset_options={**config.dataset_options, "fold": fold})
+               for config in _configs(pattern, chosen, steps, budget) for fold in FOLDS]
+    trained = run_many(configs, out, fresh, progress, jobs)
+    rows = [_average_folds(trained[start:start + len(FOLDS)], task)
+            for start in range(0, len(trained), len(FOLDS))]
     reference = part_config(f"banking77/{{}}-5w{shots}s", "protonet")
     means, cis, seconds = [], [], 0.0
     for fold in FOLDS:  # the frozen baseline on the same fixed episodes
@@ -300,7 +290,7 @@ def _top_variant(suite: str, variant: str, algorithms: list[str] | None) -> int:
 def banking77_full_way(algorithms: list[str] | None = None, steps: int | None = None,
                        budget: float | None = None, out: Path = Path("runs/compare"),
                        fresh: bool = False, progress: bool = True, variant: str = "",
-                       ) -> list[Row]:
+                       jobs: int = 1) -> list[Row]:
     """``banking77-77w``: one row per (method, K), mean ± CI over the draws;
     ``banking77-77w-top2``: the rows of :func:`finetuned_top`, on the same draws."""
     from metalab.data import banking77
@@ -318,7 +308,7 @@ def banking77_full_way(algorithms: list[str] | None = None, steps: int | None = 
             "nearest class mean": (lambda x, y: nearest_class_mean(x, y, 77), None),
         }
         methods.update(_adapters("banking77/{}-77w", algorithms or _default_algorithms(),
-                                 steps, budget, out, fresh, progress))
+                                 steps, budget, out, fresh, progress, jobs))
     rows = []
     for shots in FULL_WAY_SHOTS:
         task = f"banking77 77-way {shots}-shot (all test sentences)"
@@ -345,7 +335,8 @@ def banking77_full_way(algorithms: list[str] | None = None, steps: int | None = 
 
 def clinc150_oos(algorithms: list[str] | None = None, steps: int | None = None,
                  budget: float | None = None, out: Path = Path("runs/compare"),
-                 fresh: bool = False, progress: bool = True, variant: str = "") -> list[Row]:
+                 fresh: bool = False, progress: bool = True, variant: str = "",
+                 jobs: int = 1) -> list[Row]:
     """``clinc150-oos``: per method, in-scope accuracy and out-of-scope recall rows;
     ``clinc150-oos-top2``: those of :func:`finetuned_top`, on the same draws."""
     from metalab.algorithms import ALGORITHMS
@@ -379,7 +370,7 @@ def clinc150_oos(algorithms: list[str] | None = None, steps: int | None = None,
         print(f"   clinc150-oos leaves out {', '.join(skipped)}: their output layer has one "
               "unit per class of the training tasks, and BANKING77 has 77 intents, not 150.")
     for name, (adapt, row) in _adapters("clinc150/{}-oos", chosen, steps, budget, out, fresh,
-                                         progress).items():
+                                         progress, jobs).items():
         methods[name] = ([partial(_in_scope_probabilities, adapt)], row)
     logistic = [partial(_fit_logistic, l2=l2) for l2 in OOS_L2]
     methods[LOGISTIC] = ([partial(_in_scope_probabilities, fit) for fit in logistic], None)
