@@ -191,9 +191,9 @@ def test_jobs_train_side_by_side_and_give_the_same_rows(one_thread, tmp_path,
         compare.run_many(configs, tmp_path / "side", progress=False, jobs=0)
 
 
-def test_a_failed_run_in_a_worker_names_the_run(one_thread, tmp_path) -> None:
-    broken = compare.part_config("omniglot/{}-5w1s", "protonet").replace(
-        data_dir=str(tmp_path / "no-data"))
-    with pytest.raises(RuntimeError, match="training protonet on omniglot in a worker process "
-                       "failed: .*Omniglot"):
+def test_a_failed_run_in_a_worker_names_the_run(one_thread, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("METALAB_DATA", str(tmp_path / "no-data"))  # the workers inherit it
+    broken = compare.part_config("ett/{}", "maml").replace(data_dir=str(tmp_path / "no-data"))
+    with pytest.raises(RuntimeError, match="training maml on ett in a worker process "
+                       "failed: .*ETTh1"):
         compare.run_many([broken, broken.replace(seed=1)], tmp_path, progress=False, jobs=2)
