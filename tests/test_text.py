@@ -163,10 +163,10 @@ def test_banking77_counts_and_folds() -> None:
 
 
 @pytest.mark.realdata
-def test_banking77_train_plus_val_holds_both_splits_intents(tmp_path, monkeypatch) -> None:
+def test_banking77_trainval_holds_both_splits_intents(tmp_path, monkeypatch) -> None:
     root = real_data_dir("banking77")
     monkeypatch.setenv("METALAB_CACHE", str(tmp_path))
-    both = banking77.load("train+val", root, fold=2, encoder=CountingEncoder(), progress=False)
+    both = banking77.load("trainval", root, fold=2, encoder=CountingEncoder(), progress=False)
     expected = banking77.fold_intents(2, "train", root) + banking77.fold_intents(2, "val", root)
     assert both.names == expected and len(expected) == 50
     assert set(expected).isdisjoint(banking77.fold_intents(2, "test", root))
@@ -532,6 +532,33 @@ def test_top2_records_keep_the_fine_tuned_rows_and_leave_the_main_suites_baselin
                                           **FINETUNE_TOP}
     assert record["note"].startswith("Bar: K=10 at least 85.2% (USE+ConveRT 85.19): met by")
     assert "nothing here is meta-learned" in record["note"]
+
+
+def test_trainval_records_name_their_training_split_and_judge_the_bar(tmp_path: Path) -> None:
+    import json
+
+    from metalab.config import load_config
+    from metalab.studies.intents import records
+
+    config = load_config("banking77/protonet-5w1s-top2-trainval")
+    assert (config.train_split, config.val_split) == ("trainval", None)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict()))
+    suite = tmp_path / "banking77-5w1s-top2-trainval"
+    suite.mkdir()
+    (suite / "table.json").write_text(json.dumps([
+        {"task": "banking77 5-way 1-shot (5 folds)", "algorithm": algorithm, "family": family,
+         "mean": mean, "ci95": 0.3, "train_seconds": 60.0, "train_steps": 2000,
+         "run_dir": str(run_dir) if family == "metric" else ""}
+        for algorithm, family, mean in (("protonet", "metric", 90.1),
+                                        ("nearest class mean", "baseline (frozen)", 87.0))]))
+    (name, record), = records(tmp_path, "test machine")  # the baseline is the main suite's
+    assert name == "banking77-episodic/protonet-5w1s-top2-trainval.json"
+    assert record["protocol"]["train_split"] == "trainval"
+    assert record["config"]["name"] == "banking77/protonet-5w1s-top2-trainval"
+    assert record["note"] == ("Bar: the best meta-learned head at least 3 points above the "
+                              "nearest class mean at 1-shot: met (protonet 90.10 against 87.00).")
 
 
 def test_top2_full_way_suites_meta_train_nothing(tmp_path: Path) -> None:

@@ -406,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
         "banking77-5w1s, banking77-5w5s, banking77-77w, clinc150-oos (intents on frozen "
         "sentence embeddings, with baselines; need pip install \"metalab[text]\"), and "
         "their -top2 variants (the encoder's last two layers trained: meta-trained on the "
-        "5-way suites, fine-tuned on each support set on the others); or a "
+        "5-way suites, fine-tuned on each support set on the others) and "
+        "banking77-5w1s-top2-trainval (meta-trained on the training and validation intents); "
+        "or a "
         "YAML config file. Example: metalab compare --suite omniglot-5w1s --budget 5m "
         "--algorithms protonet,maml,snail")
     cmp.add_argument("--suite", default="quick", help="suite name or YAML config (quick)")

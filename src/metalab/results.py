@@ -194,7 +194,9 @@ BENCHMARKS: dict[str, Benchmark] = {
         "meta-trained\" fine-tune the encoder's top instead of a head: ProtoNet (cosine) "
         "trains the last two of its six layers over token states computed once below them, "
         "10-way episodes, Adam at 2e-5, 400 steps, best of 4 validations (`metalab compare "
-        "--suite banking77-5w1s-top2`, `-5w5s-top2`).",
+        "--suite banking77-5w1s-top2`, `-5w5s-top2`); the train+val rows train it on the "
+        "fold's 25 training and 25 validation intents with the same settings and score its "
+        "final weights (`--suite banking77-5w1s-top2-trainval`).",
         _ways_shots((5, 1), (5, 5)),
         ("export METALAB_DATA=../shared/data   # the folder holding banking77/",)),
     "banking77-77w": Benchmark(

@@ -12,7 +12,7 @@ Splits, as class data sets of sentence embeddings (:func:`metalab.text.intent_da
   25 / 25 / 27 intents; Dopierre et al., ACL 2021), each with all its sentences of both
   files, for N-way K-shot episodes on intents never seen in meta-training. The fold lists are
   read from ``banking77/splits/protaugment/NN/labels.{train,valid,test}.txt`` (from
-  tdopierre/ProtAugment, ``data/BANKING77/few_shot/NN``). ``train+val``: the fold's 50
+  tdopierre/ProtAugment, ``data/BANKING77/few_shot/NN``). ``trainval``: the fold's 50
   training and validation intents together, to meta-train a final model once its settings
   are chosen (as MetaOptNet's final runs train on train + val);
 * ``all-train`` / ``all-test``: all 77 intents with the published train / test sentences,
@@ -34,7 +34,7 @@ __all__ = ["FOLDS", "SPLITS", "TEXT", "download", "fold_intents", "intents", "lo
            "status"]
 
 TEXT = True  # examples are sentences, embedded by a sentence encoder (metalab.text)
-SPLITS = ("train", "val", "test", "train+val", "all-train", "all-test")
+SPLITS = ("train", "val", "test", "trainval", "all-train", "all-test")
 FOLDS = (1, 2, 3, 4, 5)
 BASE_URL = ("https://raw.githubusercontent.com/PolyAI-LDN/task-specific-datasets/"
             "57ec275d8078af65b7731c2a98be812d844a6d6b/banking_data/")
@@ -100,7 +100,8 @@ def load(
         rows, names = read(split.removeprefix("all-"), data_dir), intents(data_dir)
     else:
         rows = read("train", data_dir) + read("test", data_dir)
-        names = [name for part in split.split("+") for name in fold_intents(fold, part, data_dir)]
+        parts = ("train", "val") if split == "trainval" else (split,)
+        names = [name for part in parts for name in fold_intents(fold, part, data_dir)]
     texts, labels = zip(*rows, strict=True)
     return intent_dataset(texts, labels, names, encoder, progress, top_layers)
 

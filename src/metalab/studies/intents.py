@@ -28,7 +28,9 @@ The ``-top2`` variants train all-MiniLM-L6-v2's last two layers instead of a hea
 frozen embeddings (:mod:`metalab.models.encoder_top`): ``banking77-5w1s-top2`` /
 ``-5w5s-top2`` meta-train them with ProtoNet; ``banking77-77w-top2`` and ``clinc150-oos-top2``
 fine-tune them on each support set (:func:`finetuned_top`), with nothing meta-trained, on
-the same draws as their main suites.
+the same draws as their main suites. ``banking77-5w1s-top2-trainval`` meta-trains the top on
+each fold's training and validation intents together (50 intents instead of 25), with the
+settings the validation intents chose for ``-5w1s-top2``, and scores the final weights.
 
 The score of a meta-learned head, a fine-tuned top or a logistic regression is its largest
 softmax probability; the nearest class mean's is the largest cosine similarity to a class
@@ -245,7 +247,8 @@ def episodic(shots: int, algorithms: list[str] | None = None, steps: int | None 
              ) -> list[Row]:
     """``banking77-5w{shots}s``: rows averaged over the five ProtAugment folds. A
     ``variant`` trains from the configs ``banking77/<algorithm>-5w{shots}s-<variant>``
-    (``top2``: the encoder's last two layers meta-trained, ProtoNet by default)."""
+    (``top2``: the encoder's last two layers meta-trained, ProtoNet by default;
+    ``top2-trainval``: the same on the training and validation intents)."""
     from metalab.runs import TEST_SEED, task_sources
     from metalab.tasks import fixed_episodes
 
@@ -476,6 +479,7 @@ PROTOCOLS: dict[str, Callable[..., list[Row]]] = {
     "banking77-5w5s": partial(episodic, 5),
     "banking77-5w1s-top2": partial(episodic, 1, variant="top2"),
     "banking77-5w5s-top2": partial(episodic, 5, variant="top2"),
+    "banking77-5w1s-top2-trainval": partial(episodic, 1, variant="top2-trainval"),
     "banking77-77w": banking77_full_way,
     "banking77-77w-top2": partial(banking77_full_way, variant="top2"),
     "clinc150-oos": clinc150_oos,
@@ -495,8 +499,9 @@ RECORDED = {
                        600 * len(FOLDS)),
     "banking77-5w5s": ("banking77-episodic", {"banking77 5-way 5-shot (5 folds)": "5w5s"},
                        600 * len(FOLDS)),
-    "banking77-5w1s-top2": ("banking77-episodic",
-                            {"banking77 5-way 1-shot (5 folds)": "5w1s"}, 600 * len(FOLDS)),
+    **{suite: ("banking77-episodic", {"banking77 5-way 1-shot (5 folds)": "5w1s"},
+               600 * len(FOLDS))
+       for suite in ("banking77-5w1s-top2", "banking77-5w1s-top2-trainval")},
     "banking77-5w5s-top2": ("banking77-episodic",
                             {"banking77 5-way 5-shot (5 folds)": "5w5s"}, 600 * len(FOLDS)),
     **{suite: ("banking77-77w", {f"banking77 77-way {k}-shot (all test sentences)": f"k{k}"
@@ -510,13 +515,15 @@ RECORDED = {
 
 
 META_FAMILIES = ("metric", "optimization", "model")
-VARIANT_SUITES = ("banking77-5w1s-top2", "banking77-5w5s-top2", "banking77-77w-top2",
-                  "clinc150-oos-top2")
+VARIANT_SUITES = ("banking77-5w1s-top2", "banking77-5w5s-top2", "banking77-5w1s-top2-trainval",
+                  "banking77-77w-top2", "clinc150-oos-top2")
 VARIANTS = {  # suite -> how its meta-learned rows were trained, for the records
     "banking77-5w1s": "ProtAugment folds 1-5 averaged",
     "banking77-5w5s": "ProtAugment folds 1-5 averaged",
     "banking77-5w1s-top2": "folds 1-5 averaged; MiniLM's last 2 layers meta-trained",
     "banking77-5w5s-top2": "folds 1-5 averaged; MiniLM's last 2 layers meta-trained",
+    "banking77-5w1s-top2-trainval": "folds 1-5 averaged; MiniLM's last 2 layers meta-trained "
+                                    "on 50 intents, final weights",
     "banking77-77w": "heads meta-trained on CLINC150 minus banking domains",
     "banking77-77w-top2": "MiniLM's last 2 layers fine-tuned on the support",
     "clinc150-oos": "heads meta-trained on BANKING77; threshold on val",
@@ -530,14 +537,14 @@ def _bar_note(suite: str, rows: list[dict]) -> str | None:
         return max(rows_of, key=lambda r: r["mean"])
 
     meta = [r for r in rows if r["family"] in META_FAMILIES]
-    if suite in ("banking77-5w1s", "banking77-5w1s-top2"):
+    if suite.startswith("banking77-5w1s"):
         top = best(meta)
         ncm = next(r for r in rows if r["algorithm"] == "nearest class mean")
         met = top["mean"] >= ncm["mean"] + 3
         return (f"Bar: the best meta-learned head at least 3 points above the nearest class "
                 f"mean at 1-shot: {'met' if met else 'not met'} ({top['algorithm']} "
                 f"{top['mean']:.2f} against {ncm['mean']:.2f})."
-                + ("" if met or suite.endswith("top2") else " Meta-training a head on 25 "
+                + ("" if met or suite in VARIANT_SUITES else " Meta-training a head on 25 "
                    "intents narrows the general-purpose embedding more than it helps."))
     if suite == "banking77-77w":
         ten = [r for r in rows if r["task"].startswith("banking77 77-way 10-shot")]
@@ -566,7 +573,7 @@ def _bar_note(suite: str, rows: list[dict]) -> str | None:
         return (f"Bar: in-scope accuracy at least 90% with out-of-scope recall at least 60%: "
                 f"{'met by ' + ', '.join(ok) if ok else 'not met'} (in-scope / recall: {shown})."
                 + (" These rows are baselines: nothing here is meta-learned."
-                   if suite.endswith("top2") else ""))
+                   if suite in VARIANT_SUITES else ""))
     return None
 
 
@@ -592,14 +599,16 @@ def records(compare_dir: Path, machine: str) -> list[tuple[str, dict]]:
             metric = "recall" if setting == "oos-recall" else "accuracy"
             by_record.setdefault((row["algorithm"], metric), []).append({**row,
                                                                          "setting": setting})
-        data_set, setting_name = suite.split("-", 1)  # e.g. banking77, 5w1s-top2
+        data_set, setting_name = suite.split("-", 1)  # e.g. banking77, 5w1s-top2-trainval
         for (name, metric), rows_of in by_record.items():
             method = BASELINES.get(name, name)
             first = rows_of[0]
             if first["family"] == "baseline (frozen)" and suite in VARIANT_SUITES:
                 continue  # the main suite's, on the same episodes or draws
+            train_split = "train"
             if first["run_dir"]:
                 values = json.loads((Path(first["run_dir"]) / "config.json").read_text())
+                train_split = values["train_split"]
                 own = f"{data_set}/{name}-{setting_name}"
                 config = ({"name": own, "overrides": [], "values": values}
                           if own in builtin_configs() else
@@ -612,7 +621,7 @@ def records(compare_dir: Path, machine: str) -> list[tuple[str, dict]]:
                               if name in FINE_TUNED else {})}}
             record = {
                 "kind": "run", "benchmark": benchmark, "algorithm": method,
-                "protocol": {"train_split": "train", "batch_norm": "none",
+                "protocol": {"train_split": train_split, "batch_norm": "none",
                              "variant": VARIANTS[suite] if first["run_dir"]
                              or name in FINE_TUNED else
                              "frozen embeddings, nothing meta-trained"},
@@ -644,7 +653,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m metalab.studies.intents",
         description="Write docs/records/ result records from the tables of the text suites "
         "(metalab compare --suite banking77-5w1s|banking77-5w5s|banking77-77w|clinc150-oos, "
-        "and their -top2 variants).")
+        "and their -top2 and -top2-trainval variants).")
     parser.add_argument("--records", type=Path, required=True, metavar="COMPARE_DIR",
                         help="the --out folder of those metalab compare runs (runs/compare)")
     parser.add_argument("--machine", default="2-core CPU (no GPU)")
