@@ -13,7 +13,8 @@ from metalab.data import DATASETS, dataset_kind, ett
 from metalab.data.paths import DataNotFoundError
 from metalab.kinds import REGRESSION
 from metalab.studies import ett as study
-from metalab.studies.forecasting import choose_ridge, errors, predict, ridge
+from metalab.studies.forecasting import choose_ridge, errors, learn_precision, predict, ridge
+from metalab.tasks import TaskBatch
 from tests.conftest import real_data_dir
 
 
@@ -129,6 +130,57 @@ def test_choose_ridge_takes_the_best_validation_regulariser() -> None:
     assert torch.allclose(chosen, ridge(x, y, reg))
     assert errors(torch.tensor([[1.0, 3.0]]), torch.tensor([[0.0, 1.0]])) == \
         {"mse": 2.5, "mae": 1.5}
+
+
+def test_precision_weighs_the_penalty_per_row_by_hand() -> None:
+    x, y = torch.tensor([[1.0], [2.0]]), torch.tensor([[2.0], [4.0]])
+    prior = torch.tensor([[0.0], [1.0]])
+    assert torch.equal(ridge(x, y, 1.0, prior, precision=torch.ones(2)), ridge(x, y, 1.0, prior))
+    # Penalty diag(2, 0.5) toward [0, 1]: AᵀA + P = [[7, 3], [3, 2.5]], rhs = [10, 6.5]
+    # -> w = 1/8.5 [2.5·10 − 3·6.5, −3·10 + 7·6.5] = [11/17, 31/17].
+    assert ridge(x, y, 1.0, prior, precision=torch.tensor([2.0, 0.5])).flatten().tolist() == \
+        pytest.approx([11 / 17, 31 / 17])
+    # A row with an overwhelming precision stays at the prior; the other fits the rest.
+    pinned = ridge(x, y, 1.0, prior, precision=torch.tensor([1e12, 1e-12])).flatten()
+    assert pinned.tolist() == pytest.approx([0.0, 3.0], abs=1e-6)  # bias = mean of y − 0·x
+
+
+class _TasksAroundAPrior:
+    """Linear tasks ``y = x w + noise`` whose ``w`` differs from ``prior`` on its first row
+    only (the second, and the bias, are shared by every task)."""
+
+    kind = None
+
+    def __init__(self, prior: torch.Tensor, k: int = 8, q: int = 16) -> None:
+        self.prior, self.k, self.q = prior, k, q
+
+    def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
+        w = self.prior[:2].expand(num_tasks, 2, 1).clone()
+        w[:, 0] += 2 * torch.randn(num_tasks, 1, generator=generator)
+        x = torch.randn(num_tasks, self.k + self.q, 2, generator=generator)
+        y = x @ w + self.prior[2] + 0.1 * torch.randn(num_tasks, self.k + self.q, 1,
+                                                      generator=generator)
+        return TaskBatch(x[:, :self.k], y[:, :self.k], x[:, self.k:], y[:, self.k:])
+
+
+def test_learned_precision_frees_the_rows_tasks_differ_on() -> None:
+    prior = torch.tensor([[1.0], [-1.0], [0.5]])  # two lags and the bias
+    tasks = _TasksAroundAPrior(prior)
+    precision = learn_precision(tasks, prior, steps=200, tasks_per_step=8, lr=0.1, start=10.0)
+    assert precision.shape == (3,)
+    assert precision[0] < 10.0 < precision[1] and precision[0] < precision[2]
+    assert float(precision[1] / precision[0]) > 100
+    assert torch.equal(precision, learn_precision(tasks, prior, steps=200, tasks_per_step=8,
+                                                  lr=0.1, start=10.0))  # seeded
+    # On a new task, adapting with it beats the isotropic penalty on the query windows.
+    batch = tasks.sample(64, torch.Generator().manual_seed(5))
+
+    def query_mse(**penalty: torch.Tensor) -> float:
+        return sum(errors(predict(ridge(sx, sy, 1.0, prior, **penalty), qx), qy)["mse"]
+                   for sx, sy, qx, qy in zip(batch.support_x, batch.support_y, batch.query_x,
+                                             batch.query_y, strict=True)) / 64
+    isotropic = min(query_mse(precision=torch.full((3,), r)) for r in (0.1, 1.0, 10.0, 100.0))
+    assert query_mse(precision=precision) < 0.8 * isotropic
 
 
 def test_zero_shot_and_gradient_adaptation_on_a_tiny_problem() -> None:

@@ -251,13 +251,15 @@ BATCH_NORM: dict[str, str] = {
 TRAIN_SPLITS: dict[str, str] = {"trainval": "train+val splits", "train": "train split"}
 DEFAULT_DECIMALS: dict[str, int] = {"accuracy": 2, "mse": 3, "mae": 3, "rmse": 3, "ndcg": 3,
                                      "recall": 2}
-# Rows that are not metalab algorithms: the studies' baselines and published models.
+# Rows that are not registered metalab algorithms: the studies' own methods and baselines, and
+# published models.
 OTHER_DISPLAY_NAMES: dict[str, str] = {
     "global-mean": "Global mean", "item-mean": "Item mean",
     "item-bias-user-offset": "Item bias + user offset",
     "matrix-factorization": "Matrix factorisation (ALS, fold-in)",
     "zero-shot": "Zero-shot (source ridge)", "ridge-scratch": "Ridge from scratch",
     "ridge-shrunk": "Ridge shrunk toward source", "target-only-sgd": "Target-only SGD",
+    "learned-prior": "Learned prior (ridge shrunk with a meta-learned precision)",
     "time-llm": "Time-LLM", "gpt4ts": "GPT4TS", "patchtst": "PatchTST",
     "dlinear": "DLinear", "nearest-class-mean": "Nearest class mean (frozen)",
     "logistic-regression": "Logistic regression (frozen)",

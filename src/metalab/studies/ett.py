@@ -15,7 +15,11 @@ relative to its last lookback value. For each horizon:
   the source and horizon), trained on the source's windows as tasks with the config's seed,
   then adapted to the target's kept windows: MAML and Reptile (and the **pretrain + fine-tune**
   baseline, ``pretrained``) by gradient steps whose number (0 to 100) is chosen on the
-  target's validation windows, as λ is for the ridge baselines; the CNP by encoding them.
+  target's validation windows, as λ is for the ridge baselines; the CNP by encoding them;
+* the **learned prior** (:func:`~metalab.studies.forecasting.learn_precision`): the shrunk
+  ridge's penalty weighted per lookback lag by a precision meta-learned on the source's
+  tasks (closed-form adaptation inside, as R2-D2; the prior of ALPaCA, centred on the source
+  solution), seeded by the seed, adapted as the shrunk ridge is (λ on validation windows).
 
 Results per (direction, seed, method, horizon) are kept under ``<out>``, so a run cut short
 resumes::
@@ -40,13 +44,16 @@ from torch import Tensor
 from metalab.data import ett
 from metalab.io import cached_json
 from metalab.studies.common import markdown, study_parser, summary
-from metalab.studies.forecasting import choose_ridge, errors, predict
+from metalab.studies.forecasting import choose_ridge, errors, learn_precision, predict
 
 __all__ = ["BASELINES", "FRACTIONS", "META_LEARNERS", "adapt_by_validation", "main", "prepare"]
 
 FRACTIONS = (0.05, 0.1)
 BASELINES = ("zero-shot", "ridge-scratch", "ridge-shrunk", "target-only-sgd")
-META_LEARNERS = ("maml", "reptile", "cnp", "pretrained")
+LEARNED_PRIOR = "learned-prior"
+META_LEARNERS = ("maml", "reptile", "cnp", "pretrained", LEARNED_PRIOR)
+# the learned prior's meta-training: its tasks are the meta-learners' (configs ett/_base)
+PRIOR_TRAINING = {"steps": 300, "tasks_per_step": 16, "lr": 0.05, "start": 100.0}
 STEP_GRID = (0, 1, 3, 10, 30, 100, 300)  # adaptation steps chosen from, on validation windows
 DEFAULT_OUT = Path("runs/studies/ett")
 
@@ -181,10 +188,41 @@ def _all_baselines(windows: dict[float, dict[str, Tensor]]) -> dict[str, Any]:
     return {"by_fraction": per, "source_reg": reg, "seconds": time.perf_counter() - started}
 
 
+def _learned_prior(source: str, horizon: int, seed: int, data_dir: str | None,
+                   steps: int | None, windows: dict[float, dict[str, Tensor]]
+                   ) -> dict[str, Any]:
+    """The learned prior: its precision meta-learned on the source's window tasks (sized as
+    the gradient meta-learners'), then the penalty's scale chosen on each fraction's target
+    validation windows."""
+    from metalab.config import load_config
+
+    started = time.perf_counter()
+    w = next(iter(windows.values()))
+    source_weights, _ = choose_ridge(w["source_x"], w["source_y"], w["source_val_x"],
+                                     w["source_val_y"])
+    sizes = load_config("ett/default")
+    tasks = ett.tasks("train", k_shot=sizes.k_shot, q_query=sizes.q_query, data_dir=data_dir,
+                      series=source, horizon=horizon)
+    settings = {**PRIOR_TRAINING, **({"steps": steps} if steps is not None else {})}
+    precision = learn_precision(tasks, source_weights, seed=seed, **settings)
+    seconds = time.perf_counter() - started
+    by_fraction = {}
+    for fraction, wf in windows.items():
+        weights, reg = choose_ridge(wf["train_x"], wf["train_y"], wf["val_x"], wf["val_y"],
+                                    prior=source_weights, precision=precision)
+        by_fraction[str(fraction)] = {**errors(predict(weights, wf["test_x"]), wf["test_y"]),
+                                      "reg": reg}
+    return {"train_seconds": seconds, "steps": settings["steps"],
+            "config": {"algorithm": LEARNED_PRIOR, "seed": seed, **settings},
+            "by_fraction": by_fraction}
+
+
 def _meta_result(algorithm: str, source: str, horizon: int, seed: int, out: Path,
                  data_dir: str | None, steps: int | None,
                  windows: dict[float, dict[str, Tensor]]) -> dict[str, Any]:
     """One meta-learner trained on the source and adapted at every fraction of ``windows``."""
+    if algorithm == LEARNED_PRIOR:
+        return _learned_prior(source, horizon, seed, data_dir, steps, windows)
     algo, info = train_meta(algorithm, source, horizon, seed, out, data_dir, steps)
     return {**info, "by_fraction": {str(f): adapt_meta(algo, windows[f]) for f in windows}}
 
@@ -263,7 +301,7 @@ def bar(avg: dict[str, dict[str, dict[str, Any]]]) -> str:
     """The issue's bar: at 10% the best meta-learned adaptation's MSE at or below the shrunk
     ridge's; at 5% below it by more than the meta-learner's seed-to-seed spread (std)."""
     lines = []
-    metas = [m for m in avg if m in ("maml", "reptile", "cnp")]
+    metas = [m for m in avg if m in ("maml", "reptile", "cnp", LEARNED_PRIOR)]
     if "ridge-shrunk" not in avg or not metas:
         return "bar: needs ridge-shrunk and a meta-learner"
     for f, rule in (("0.1", "<="), ("0.05", "< by more than std")):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from metalab.results import _git_version, validate
+from metalab.studies.ett import LEARNED_PRIOR, META_LEARNERS, PRIOR_TRAINING
 
 __all__ = ["ett_records", "movielens_records", "write_records"]
 
@@ -26,7 +27,9 @@ def _config(study: str, method: str, first: dict[str, Any], overrides: list[str]
 
 
 def _model(method: str) -> str:
-    return "CNP (MLP encoder and decoder)" if method == "cnp" else "linear forecaster"
+    return {"cnp": "CNP (MLP encoder and decoder)",
+            "learned-prior": "linear forecaster, precision learned per lag"
+            }.get(method, "linear forecaster")
 
 
 def _seeds(seeds: list[int]) -> str:
@@ -95,11 +98,13 @@ def ett_records(avg: dict[str, dict[str, dict[str, Any]]], source: str, target: 
     for method, by_fraction in avg.items():
         any_fraction = next(iter(by_fraction.values()))
         seeds = any_fraction["seeds"]
-        meta = method in ("maml", "reptile", "cnp", "pretrained")
+        meta = method in META_LEARNERS
         config = ({"name": f"ett/{method}", "overrides": [f"seeds={','.join(map(str, seeds))}",
                                                           f"dataset_options.series={source}"],
-                   "values": {"algorithm": method}} if meta else
-                  {"name": "studies.ett", "overrides": [], "values": {"algorithm": method}})
+                   "values": {"algorithm": method}} if meta and method != LEARNED_PRIOR else
+                  {"name": "studies.ett", "overrides": [], "values": {
+                      "algorithm": method,
+                      **(PRIOR_TRAINING if method == LEARNED_PRIOR else {})}})
         stds = "; ".join(f"{float(f):.0%} MSE std {a['mse']['std']:.4f}"
                          for f, a in sorted(by_fraction.items()))
         common = {
