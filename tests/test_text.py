@@ -581,6 +581,22 @@ def fake_default_encoder(monkeypatch: pytest.MonkeyPatch) -> CountingEncoder:
 
 
 @pytest.mark.realdata
+def test_quiet_train_draws_no_bar_while_sentences_are_encoded(fake_default_encoder, tmp_path,
+                                                              monkeypatch, capfd) -> None:
+    from metalab.cli import main
+
+    monkeypatch.setenv("METALAB_DATA", str(real_data_dir("banking77")))
+    monkeypatch.setenv("METALAB_CACHE", str(tmp_path / "cache"))  # every sentence is encoded
+    args = ["train", "banking77/default-5w1s", "--set", "steps=1", "--set", "val_split=null",
+            "--set", "test_episodes=2", "--out", str(tmp_path / "run")]
+    assert main([*args, "--quiet"]) == 0
+    assert fake_default_encoder.calls > 0 and "encoding" not in capfd.readouterr().err
+    monkeypatch.setenv("METALAB_CACHE", str(tmp_path / "cache2"))
+    assert main([*args, "--overwrite"]) == 0
+    assert "encoding" in capfd.readouterr().err  # without --quiet the encoding bar shows
+
+
+@pytest.mark.realdata
 @pytest.mark.slow
 def test_text_suites_give_rows_with_their_baselines(fake_default_encoder, tmp_path, monkeypatch):
     from metalab.compare import run_compare

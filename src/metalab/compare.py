@@ -175,8 +175,9 @@ def _train_and_score(config: Config, run_dir: Path, progress: bool) -> Row:
     with PeakMemory(trainer.device) as train_peak:
         state = trainer.fit()
     algo, _, result = score_checkpoint(run_dir / "best.pt", progress=progress)
-    episodes = fixed_episodes(task_sources(config, config.test_split, train=False),
-                              ADAPT_MEMORY_EPISODES, TEST_SEED)
+    episodes = fixed_episodes(
+        task_sources(config, config.test_split, train=False, progress=progress),
+        ADAPT_MEMORY_EPISODES, TEST_SEED)
     algo.eval()
     with PeakMemory(trainer.device) as adapt_peak:
         for batch in episodes:

@@ -29,13 +29,15 @@ __all__ = ["TEST_SEED", "build", "load_checkpoint", "optimization", "score_check
 TEST_SEED = 1  # the fixed test episodes (as in the MAML reference code)
 
 
-def task_sources(config: Config, split: str, train: bool) -> TaskSource:
-    """The task source of ``split`` with the training or the test episode sizes."""
+def task_sources(config: Config, split: str, train: bool, progress: bool = True) -> TaskSource:
+    """The task source of ``split`` with the training or the test episode sizes
+    (``progress``: a bar while the data are prepared, e.g. sentences encoded)."""
     sizes = ((config.n_way, config.k_shot, config.q_query) if train else
              (config.test_n_way, config.test_k_shot, config.test_q_query))
     fraction = config.train_fraction if train else 1.0
+    options = {"progress": progress, **config.dataset_options}  # the config's own may say
     return data.task_source(config.dataset, split, *sizes, data_dir=config.data_dir,
-                            class_fraction=fraction, seed=config.seed, **config.dataset_options)
+                            class_fraction=fraction, seed=config.seed, **options)
 
 
 def build(config: Config, tasks: TaskSource | TaskSpec) -> MetaLearner:
@@ -119,6 +121,6 @@ def score_checkpoint(
     if transductive:
         use_batch_statistics(algo)
     device = resolve_device(config.device)
-    source = task_sources(config, config.test_split, train=False)
+    source = task_sources(config, config.test_split, train=False, progress=progress)
     tasks = fixed_episodes(source, episodes or config.test_episodes, seed)
     return algo, config, evaluate(algo.to(device), tasks, source.kind, device, progress)

@@ -111,8 +111,18 @@ class SentenceTransformerEncoder:
         except ImportError as error:
             raise ImportError(f"sentence encoders need sentence-transformers: {INSTALL_HINT}"
                               ) from error
+        from transformers.utils import logging as transformers_logging
+
         self.folder = folder
-        self.model = SentenceTransformer(str(folder), device=device)
+        # transformers draws a bar while the weights load: a fraction of a second, and it
+        # would print through runs that asked for no progress bars
+        shown = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()
+        try:
+            self.model = SentenceTransformer(str(folder), device=device)
+        finally:
+            if shown:
+                transformers_logging.enable_progress_bar()
         self.name = _model_name(folder, label)
 
     def encode(self, texts: Sequence[str]) -> Tensor:

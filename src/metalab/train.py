@@ -145,13 +145,13 @@ class Trainer:
         and step-decay schedule, writing to ``config.out`` (``overwrite``: a run already
         there is moved aside). The test split is opened too, so that a mistake in it stops
         the run before training rather than after."""
-        train_tasks = task_sources(config, config.train_split, train=True)
+        train_tasks = task_sources(config, config.train_split, train=True, progress=progress)
         algorithm = build(config, train_tasks)
         device = distributed.local_device(distributed.resolve_device(config.device))
         optimizer, scheduler = optimization(config, algorithm.to(device).parameters())
         val_tasks = (None if config.val_split is None else
-                     task_sources(config, config.val_split, train=False))
-        task_sources(config, config.test_split, train=False)
+                     task_sources(config, config.val_split, train=False, progress=progress))
+        task_sources(config, config.test_split, train=False, progress=progress)
         return cls(algorithm, train_tasks, val_tasks=val_tasks, optimizer=optimizer,
                    scheduler=scheduler, steps=config.steps,
                    tasks_per_batch=config.tasks_per_batch, seed=config.seed, out=config.out,

@@ -15,6 +15,7 @@ Every data set is a module (or any object) in :data:`DATASETS` with ``status(dat
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -75,25 +76,30 @@ def _module(name: str) -> Any:
 
 
 def load_dataset(
-    name: str, split: str, data_dir: str | os.PathLike | None = None, **options: object
+    name: str, split: str, data_dir: str | os.PathLike | None = None, progress: bool = True,
+    **options: object,
 ) -> ClassDataset:
-    """Split ``split`` of the class data set ``name`` (see :data:`DATASETS`)."""
+    """Split ``split`` of the class data set ``name`` (see :data:`DATASETS`). ``progress``
+    reaches the module's ``load`` if it takes one (the text data sets' encoding bar)."""
     module = _module(name)
     if not hasattr(module, "load"):
         raise ValueError(f"{name} is a task source, not a data set of classes; use "
                          f"task_source({name!r}, ...).")
+    if "progress" in inspect.signature(module.load).parameters:
+        options = {**options, "progress": progress}
     return module.load(split, data_dir=data_dir, **options)
 
 
 def task_source(
     name: str, split: str, n_way: int, k_shot: int, q_query: int,
     data_dir: str | os.PathLike | None = None, class_fraction: float = 1.0, seed: int = 0,
-    **options: object,
+    progress: bool = True, **options: object,
 ) -> TaskSource:
     """Tasks of ``name``/``split``: N-way K-shot Q-query episodes of a class data set, or
     the data set's own task source (e.g. K-shot sinusoid regression).
 
-    ``class_fraction`` < 1 keeps that share of the split's alphabets (chosen by ``seed``).
+    ``class_fraction`` < 1 keeps that share of the split's alphabets (chosen by ``seed``);
+    ``progress`` as in :func:`load_dataset`.
     """
     module = _module(name)
     if hasattr(module, "tasks"):
@@ -102,7 +108,7 @@ def task_source(
                              "train_fraction applies to class data sets only.")
         return module.tasks(split, n_way=n_way, k_shot=k_shot, q_query=q_query,
                             data_dir=data_dir, **options)
-    dataset = load_dataset(name, split, data_dir, **options)
+    dataset = load_dataset(name, split, data_dir, progress, **options)
     if class_fraction < 1:
         dataset = keep_alphabets(dataset, class_fraction, seed)
     return EpisodeSampler(dataset, n_way, k_shot, q_query)

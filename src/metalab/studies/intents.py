@@ -264,7 +264,7 @@ def episodic(shots: int, algorithms: list[str] | None = None, steps: int | None 
     means, cis, seconds = [], [], 0.0
     for fold in FOLDS:  # the frozen baseline on the same fixed episodes
         config = reference.replace(dataset_options={**reference.dataset_options, "fold": fold})
-        source = task_sources(config, config.test_split, train=False)
+        source = task_sources(config, config.test_split, train=False, progress=progress)
         start = time.perf_counter()
         scores = [SCALE * float((nearest_class_mean(episode.support_x, episode.support_y,
                                                     config.test_n_way)(episode.query_x)
