@@ -35,7 +35,7 @@ def task_sources(config: Config, split: str, train: bool, progress: bool = True)
     sizes = ((config.n_way, config.k_shot, config.q_query) if train else
              (config.test_n_way, config.test_k_shot, config.test_q_query))
     fraction = config.train_fraction if train else 1.0
-    options = {"progress": progress, **config.dataset_options}  # the config's own may say
+    options = {"progress": progress, **config.dataset_options}  # dataset_options' wins
     return data.task_source(config.dataset, split, *sizes, data_dir=config.data_dir,
                             class_fraction=fraction, seed=config.seed, **options)
 

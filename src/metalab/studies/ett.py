@@ -301,7 +301,7 @@ def bar(avg: dict[str, dict[str, dict[str, Any]]]) -> str:
     """The issue's bar: at 10% the best meta-learned adaptation's MSE at or below the shrunk
     ridge's; at 5% below it by more than the meta-learner's seed-to-seed spread (std)."""
     lines = []
-    metas = [m for m in avg if m in ("maml", "reptile", "cnp", LEARNED_PRIOR)]
+    metas = [m for m in avg if m in META_LEARNERS and m != "pretrained"]  # that: a baseline
     if "ridge-shrunk" not in avg or not metas:
         return "bar: needs ridge-shrunk and a meta-learner"
     for f, rule in (("0.1", "<="), ("0.05", "< by more than std")):

@@ -37,13 +37,16 @@ def _design(x: Tensor) -> Tensor:
     return torch.cat([x.double(), ones], dim=-1)
 
 
-def _solve(design: Tensor, y: Tensor, penalty: Tensor, prior: Tensor | None) -> Tensor:
-    """``argmin_W ‖design W − y‖² + Σᵢ penaltyᵢ ‖Wᵢ − priorᵢ‖²`` (batched over leading dims)."""
-    gram = design.transpose(-1, -2) @ design + torch.diag(penalty)
-    rhs = design.transpose(-1, -2) @ y.double()
+def _normal_equations(design: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``AᵀA`` and ``AᵀY`` of the least-squares problem (batched over leading dims)."""
+    return design.transpose(-1, -2) @ design, design.transpose(-1, -2) @ y.double()
+
+
+def _solve(gram: Tensor, rhs: Tensor, penalty: Tensor, prior: Tensor | None) -> Tensor:
+    """``W`` of ``argmin ‖A W − Y‖² + Σᵢ penaltyᵢ ‖Wᵢ − priorᵢ‖²`` from ``AᵀA``, ``AᵀY``."""
     if prior is not None:
         rhs = rhs + penalty[:, None] * prior.double()
-    return torch.linalg.solve(gram, rhs)
+    return torch.linalg.solve(gram + torch.diag(penalty), rhs)
 
 
 def _penalty(reg: float, precision: Tensor | None, rows: int) -> Tensor:
@@ -57,7 +60,8 @@ def ridge(x: Tensor, y: Tensor, reg: float, prior: Tensor | None = None,
     ‖Wᵢ − priorᵢ‖²`` (``prior`` default 0: ridge from scratch; ``precision`` default 1), in
     float64."""
     design = _design(x)
-    return _solve(design, y, _penalty(reg, precision, design.shape[1]), prior)
+    return _solve(*_normal_equations(design, y), _penalty(reg, precision, design.shape[1]),
+                  prior)
 
 
 def predict(weights: Tensor, x: Tensor) -> Tensor:
@@ -78,12 +82,10 @@ def choose_ridge(x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor,
     ``precision``) whose λ in ``grid`` has the lowest validation MSE, and that λ. The Gram
     matrix is formed once."""
     design = _design(x)
-    gram, rhs = design.T @ design, design.T @ y.double()
+    gram, rhs = _normal_equations(design, y)
     best: tuple[float, Tensor, float] | None = None
     for reg in grid:
-        penalty = _penalty(reg, precision, design.shape[1])
-        shifted = rhs + penalty[:, None] * prior.double() if prior is not None else rhs
-        weights = torch.linalg.solve(gram + torch.diag(penalty), shifted)
+        weights = _solve(gram, rhs, _penalty(reg, precision, design.shape[1]), prior)
         mse = errors(predict(weights, val_x), val_y)["mse"]
         if best is None or mse < best[0]:
             best = (mse, weights, reg)
@@ -108,8 +110,8 @@ def learn_precision(tasks: TaskSource, prior: Tensor, steps: int = 300, tasks_pe
     for _ in range(steps):
         batch = tasks.sample(tasks_per_step, generator)
         with torch.enable_grad():
-            weights = _solve(_design(batch.support_x), batch.support_y, log_precision.exp(),
-                             prior)
+            weights = _solve(*_normal_equations(_design(batch.support_x), batch.support_y),
+                             log_precision.exp(), prior)
             predicted = _design(batch.query_x) @ weights
             loss = (predicted - batch.query_y.double()).pow(2).mean()
             optimizer.zero_grad()
