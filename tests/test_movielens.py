@@ -287,6 +287,11 @@ def test_study_score_clips_and_averages() -> None:
     assert perfect["mae"] == 0 and perfect["ndcg3"] == 1.0
     clipped = score(tasks, 3.0, lambda sx, sy, qx: torch.tensor([9.0, 2.0]))
     assert clipped["mae"] == pytest.approx(0.5)  # 9 is clipped to 5
+    # actual 4 and 2: 3.6 and 2.4 are 0.4 off each, rounded to 4 and 2 they are exact;
+    # 4.7 rounds to 5 (1 off where it was 0.7)
+    off = score(tasks, 3.0, lambda sx, sy, qx: torch.tensor([3.6, 2.4]))
+    assert off["mae"] == pytest.approx(0.4) and off["mae_star"] == 0
+    assert score(tasks, 3.0, lambda sx, sy, qx: torch.tensor([4.7, 2.0]))["mae_star"] == 0.5
 
 
 def test_study_bar_and_records_from_results() -> None:
@@ -294,7 +299,7 @@ def test_study_bar_and_records_from_results() -> None:
     from metalab.studies.records import movielens_records
 
     def result(mae: float, **extra: object) -> dict:
-        return {"mae": mae, "rmse": mae + 0.2, "ndcg3": 0.7, **extra}
+        return {"mae": mae, "mae_star": mae - 0.03, "rmse": mae + 0.2, "ndcg3": 0.7, **extra}
 
     results = {
         "matrix-factorization": {0: result(0.80, seconds=3.0, settings={"reg": 10.0}),
@@ -304,14 +309,46 @@ def test_study_bar_and_records_from_results() -> None:
     }
     assert bar(results).startswith("bar NOT MET") and "below it on 1 of 2 seeds" in bar(results)
     results["anil"][1]["mae"] = 0.77
-    assert bar(results).startswith("bar MET")
+    assert bar(results).startswith("bar MET on MAE:")
+    # rounded to stars, the baseline wins seed 1: the bar is asked of each metric alone
+    results["matrix-factorization"][1]["mae_star"] = 0.70
+    assert bar(results, "mae_star").startswith("bar NOT MET on MAE to stars")
     records = dict(movielens_records(results, "test machine", bar_note="a note"))
     assert set(records) == {f"movielens/{m}-{s}.json" for m in results
-                            for s in ("mae", "rmse", "ndcg3")} | {
+                            for s in ("mae", "mae-stars", "rmse", "ndcg3")} | {
         "movielens-seeds/anil.json", "movielens-seeds/matrix-factorization.json"}
     mae = records["movielens/anil-mae.json"]
     assert mae["results"][0]["mean"] == pytest.approx(0.765) and mae["note"] == "a note"
+    stars = records["movielens/anil-mae-stars.json"]["results"][0]
+    assert stars["setting"] == "mae-stars" and stars["mean"] == pytest.approx(0.745)
     assert mae["training"] == {"minutes": 1.0, "machine": "test machine", "steps": 1000}
     assert "seeds 0, 1" in mae["protocol"]["variant"]
     seeds = records["movielens-seeds/matrix-factorization.json"]["results"]
     assert [(r["setting"], r["mean"]) for r in seeds] == [("seed0", 0.80), ("seed1", 0.78)]
+
+
+def test_blend_mixes_the_meta_learner_and_the_baseline(data_dir: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from metalab.studies import movielens as study
+
+    methods = ["matrix-factorization", "anil", "anil+matrix-factorization"]
+    with pytest.raises(FileNotFoundError, match="needs anil's run"):
+        study.run([0], methods[2:], tmp_path, str(data_dir), steps=5)
+    results = study.run([0], methods[:2], tmp_path, str(data_dir), steps=5)
+    # weight 1 is the meta-learner alone, weight 0 the baseline alone
+    for weight, alone in ((1.0, "anil"), (0.0, "matrix-factorization")):
+        monkeypatch.setattr(study, "BLEND_WEIGHTS", (weight,))
+        blend = study.run([0], methods[2:], tmp_path, str(data_dir), steps=5, fresh=True)
+        assert blend[methods[2]][0]["mae"] == pytest.approx(results[alone][0]["mae"], abs=1e-6)
+        assert blend[methods[2]][0]["settings"] == {"weight": weight}
+    # an even mix is neither, and the weight is the one with the lowest validation MAE
+    monkeypatch.setattr(study, "BLEND_WEIGHTS", (0.5,))
+    half = study.run([0], methods[2:], tmp_path, str(data_dir), steps=5, fresh=True)
+    assert half[methods[2]][0]["mae"] not in (results["anil"][0]["mae"],
+                                              results["matrix-factorization"][0]["mae"])
+    val = {w: r for w, r in ((0.5, half[methods[2]][0]["val_mae"]),
+                             (0.0, results["matrix-factorization"][0]["val_mae"]))}
+    monkeypatch.setattr(study, "BLEND_WEIGHTS", (0.0, 0.5))
+    both = study.run([0], methods[2:], tmp_path, str(data_dir), steps=5, fresh=True)
+    assert both[methods[2]][0]["settings"]["weight"] == min(val, key=val.get)
+    assert "blend anil+matrix-factorization" in study.bar({**results, **both})

@@ -13,7 +13,9 @@ from metalab.studies.ett import LEARNED_PRIOR, META_LEARNERS, PRIOR_TRAINING
 
 __all__ = ["ett_records", "movielens_records", "write_records"]
 
-MOVIELENS_METRICS = {"mae": "mae", "rmse": "rmse", "ndcg3": "ndcg"}
+# each ``movielens`` setting: the study's result key and the record's metric
+MOVIELENS_METRICS = {"mae": ("mae", "mae"), "mae-stars": ("mae_star", "mae"),
+                     "rmse": ("rmse", "rmse"), "ndcg3": ("ndcg3", "ndcg")}
 BASELINE_CONFIG = "studies.{study}"  # the "config" of a baseline: the study that fits it
 
 
@@ -71,8 +73,8 @@ def movielens_records(results: dict[str, dict[int, dict[str, Any]]], machine: st
             "reproduce": [f"python -m metalab.studies.movielens --seeds "
                           f"{' '.join(map(str, seeds))} --records docs/records"],
         }
-        for setting, metric in MOVIELENS_METRICS.items():
-            s = summary([by_seed[k][setting] for k in seeds])
+        for setting, (key, metric) in MOVIELENS_METRICS.items():
+            s = summary([by_seed[k][key] for k in seeds])
             record = {**common, "benchmark": "movielens", "metric": metric, "decimals": 4,
                       "results": [{"setting": setting, "mean": s["mean"], "ci95": s["ci95"],
                                    "episodes": users * len(seeds)}]}
