@@ -510,6 +510,36 @@ def test_finetuned_top_starts_as_the_class_mean_and_fits_its_support(minilm: str
     assert torch.equal(with_out(query_states).argmax(1), torch.tensor([0, 1, 0]))
 
 
+def test_metalab_adapt_finetunes_the_encoder_top_on_sentences(minilm: str, tmp_path: Path,
+                                                              capsys) -> None:
+    """``metalab adapt --finetune-top`` prints what the study's fine-tuned top predicts from
+    the same support (intents in sorted order), with no checkpoint; a checkpoint and the flag
+    together, or neither, is a clear error."""
+    from metalab.cli import main
+    from metalab.studies import intents
+    from metalab.text import sentence_inputs
+
+    support = tmp_path / "support.csv"
+    support.write_text("text,intent\n" + "".join(f"{t},{i}\n" for t, i in SUPPORT))
+    queries = ["my new card never arrived", "i want to top up"]
+    (tmp_path / "q.txt").write_text("\n".join(queries) + "\n")
+    main(["adapt", "--finetune-top", "--support", str(support), "--query",
+          str(tmp_path / "q.txt")])
+    lines = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    assert [line[:2] for line in lines] == [[queries[0], "card_arrival"],
+                                           [queries[1], "top_up"]]
+    states = sentence_inputs([t for t, _ in SUPPORT], minilm, top_layers=2, progress=False)
+    labels = torch.tensor([0, 0, 1, 1])  # card_arrival, top_up: sorted, as adapt orders them
+    expected = intents.finetuned_top(states, labels)(
+        sentence_inputs(queries, minilm, top_layers=2, progress=False)).softmax(1).max(1).values
+    assert [float(line[2]) for line in lines] == pytest.approx(expected.tolist(), abs=1e-3)
+    assert main(["adapt", str(tmp_path / "best.pt"), "--finetune-top", "--support",
+                 str(support), "--query", str(tmp_path / "q.txt")]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["adapt", "--support", str(support), "--query", str(tmp_path / "q.txt")]) == 2
+    assert "give the checkpoint to adapt" in capsys.readouterr().err
+
+
 def test_top2_records_keep_the_fine_tuned_rows_and_leave_the_main_suites_baselines(
         tmp_path: Path) -> None:
     import json

@@ -40,11 +40,13 @@ mean.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -55,9 +57,13 @@ from metalab.compare import Row, part_config, run_many
 from metalab.evaluate import fit_threshold, mean_ci95, open_set_right
 from metalab.kinds import CLASSIFICATION
 from metalab.tasks import ClassDataset
+from metalab.text import DEFAULT_ENCODER, SentenceEncoder
 
-__all__ = ["PROTOCOLS", "fit_threshold", "logistic_regression", "nearest_class_mean",
-           "open_set_scores", "sample_support"]
+if TYPE_CHECKING:
+    from metalab.algorithms.finetune import FineTune
+
+__all__ = ["PROTOCOLS", "finetuned_top", "finetuned_top_learner", "fit_threshold",
+           "logistic_regression", "nearest_class_mean", "open_set_scores", "sample_support"]
 
 FOLDS = (1, 2, 3, 4, 5)
 FULL_WAY_SHOTS = (5, 8, 10)
@@ -141,21 +147,32 @@ def logistic_regression(support_x: Tensor, support_y: Tensor, num_classes: int,
     return lambda q: (q.double() @ weight + bias).float()
 
 
-def finetuned_top(support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
-    """The encoder's last :data:`TOP_LAYERS` layers and a cosine head fine-tuned on one
-    support set of token states (:class:`~metalab.algorithms.finetune.FineTune` with
-    :data:`FINETUNE_TOP`, on an untrained :class:`~metalab.models.encoder_top.EncoderTop`):
-    SetFit's idea (Tunstall et al. 2022), the encoder itself adapted to the few labelled
-    sentences, with Baseline++'s classifier. Returns the logits function."""
+def finetuned_top_learner(encoder: str | os.PathLike | SentenceEncoder = DEFAULT_ENCODER,
+                          ) -> FineTune:
+    """An untrained :class:`~metalab.algorithms.finetune.FineTune` with :data:`FINETUNE_TOP`
+    over ``encoder``'s last :data:`TOP_LAYERS` layers (an
+    :class:`~metalab.models.encoder_top.EncoderTop`): adapting it to a support set of token
+    states fine-tunes those layers and a cosine head on it. What :func:`finetuned_top` and
+    ``metalab adapt --finetune-top`` adapt; nothing in it is meta-trained."""
     from metalab.algorithms.base import TaskSpec
     from metalab.algorithms.finetune import FineTune
     from metalab.models.encoder_top import EncoderTop
+    from metalab.text import transformer_parts
 
-    shape = tuple(support_x.shape[1:])
-    algorithm = FineTune(EncoderTop(shape, layers=TOP_LAYERS),
-                         TaskSpec(input_shape=shape, num_classes=int(support_y.max()) + 1),
-                         **FINETUNE_TOP).eval()  # eval: no dropout, a function of the support
-    predict = algorithm.adapt(support_x, support_y)
+    bert, _ = transformer_parts(encoder)
+    shape = (1, bert.config.hidden_size)  # token states [tokens, width]; any token count
+    # num_classes sizes the pretraining classifier only: adapting imprints a head per support
+    return FineTune(EncoderTop(shape, encoder, layers=TOP_LAYERS),
+                    TaskSpec(input_shape=shape, num_classes=1),
+                    **FINETUNE_TOP).eval()  # eval: no dropout, a function of the support
+
+
+def finetuned_top(support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
+    """The encoder's last :data:`TOP_LAYERS` layers and a cosine head fine-tuned on one
+    support set of token states (:func:`finetuned_top_learner`): SetFit's idea (Tunstall et
+    al. 2022), the encoder itself adapted to the few labelled sentences, with Baseline++'s
+    classifier. Returns the logits function."""
+    predict = finetuned_top_learner().adapt(support_x, support_y)
     return lambda x: torch.cat([predict(part) for part in x.split(QUERY_CHUNK)])
 
 
