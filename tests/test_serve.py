@@ -431,6 +431,37 @@ def test_restart_restores_adapted_tasks_without_adapting(
     restarted.store.close()
 
 
+def test_a_write_decodes_only_the_new_examples(glyph_checkpoint: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each write adapts to the whole support set, but decodes only what it brings; with the
+    decoded examples evicted (a bound of 2) it decodes the rest again and predicts the same,
+    and so does a service that decodes everything afresh (--readapt)."""
+    images = glyph_images(classes=3, shots=4)
+    service = Service(glyph_checkpoint, tmp_path / "s.sqlite")
+    decoded = []
+    prepare = service.inputs.prepare
+    monkeypatch.setattr(service.inputs, "prepare",
+                        lambda content, media_type: decoded.append(content)
+                        or prepare(content, media_type))
+    service.create_task("t")
+    for c in range(3):
+        service.add_class("t", f"c{c}", [(i, "image/png") for i in images[c][:2]])
+    assert len(decoded) == 6  # each example once, though the task was adapted three times
+    decoded.clear()
+    service.add_examples("t", "c0", [(images[0][2], "image/png")])
+    assert decoded == [images[0][2]]
+    decoded.clear()
+    service.decoded_kept = 2
+    service.add_examples("t", "c1", [(images[1][2], "image/png")])
+    assert len(decoded) == 1 + 8  # the new one, then all 8 again: a bound below the support
+    queries = [(images[c][3], "image/png") for c in range(3)]
+    served = service.predict("t", queries)
+    service.store.close()
+    fresh = Service(glyph_checkpoint, tmp_path / "s.sqlite", readapt=True)
+    assert fresh.predict("t", queries) == served
+    fresh.store.close()
+
+
 def test_an_optimization_learner_serves_its_adapted_weights(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch
                                                           ) -> None:

@@ -32,6 +32,7 @@ import json
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,12 +50,15 @@ from metalab.predictors import (
     state_from_bytes,
 )
 from metalab.serve.inputs import InputError, inputs_for
-from metalab.serve.store import Store, StoreError, content_hash
+from metalab.serve.store import Example, Store, StoreError, content_hash
 
 __all__ = ["Prediction", "Service", "ServiceError"]
 
 NAME = re.compile(r"[^\x00-\x1f\x7f/\\]{1,100}")
 MAX_EXAMPLES_PER_CLASS = 1000
+# Stored examples kept decoded (least recently used dropped first): every write adapts to the
+# task's whole support set, which would otherwise decode every one of its images again.
+DECODED_KEPT = 4096
 THRESHOLD_METHODS = ("none", "fixed", "held-out", "leave-one-out")
 
 
@@ -113,6 +117,9 @@ class Service:
         self.inputs.load()
         self.digest = checkpoint_digest(self.checkpoint)
         self._lock = threading.RLock()
+        # (sha256, media type) -> inputs.prepare of that content; used under the lock only
+        self._decoded: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self.decoded_kept = DECODED_KEPT
         self.store = Store(store)
         try:
             self._adapted: dict[str, _Adapted] = {}
@@ -427,14 +434,29 @@ class Service:
             raise ServiceError(f"{len(examples)} examples in one request, over the limit of "
                                f"{MAX_EXAMPLES_PER_CLASS}; send them in several.", 413)
         for content, media_type in examples:
-            self.prepare(content, media_type)
+            self._remember((content_hash(content), media_type),
+                           self.prepare(content, media_type))
         return list(examples)
+
+    def _remember(self, key: tuple[str, str], item: Any) -> Any:
+        self._decoded[key] = item
+        self._decoded.move_to_end(key)
+        while len(self._decoded) > self.decoded_kept:
+            self._decoded.popitem(last=False)
+        return item
+
+    def _decode(self, example: Example) -> Any:
+        """``inputs.prepare`` of a stored example, decoded once while it stays in use."""
+        key = (example.sha256, example.media_type)
+        if key in self._decoded:
+            return self._remember(key, self._decoded[key])
+        return self._remember(key, self.inputs.prepare(example.content, example.media_type))
 
     def _encode_support(self, task_id: int) -> tuple[list[str], Tensor, Tensor]:
         classes = self.store.class_names(task_id)
         position = {name: i for i, name in enumerate(classes)}
         examples = self.store.examples(task_id)
-        items = [self.inputs.prepare(e.content, e.media_type) for e in examples]
+        items = [self._decode(e) for e in examples]
         labels = torch.tensor([position[e.class_name] for e in examples], dtype=torch.long)
         return classes, (self.inputs.batch(items, remember=True) if items else torch.empty(0)), \
             labels
@@ -482,7 +504,7 @@ class Service:
                                f"and {len(unknown)} of none; the fit needs some of both (POST "
                                f".../held-out with labels, and label null for unknowns).", 409)
         position = {name: i for i, name in enumerate(adapted.classes)}
-        items = [self.inputs.prepare(e.content, e.media_type) for e in held]
+        items = [self._decode(e) for e in held]
         score, label = self._scores(adapted.predictor, items).max(-1)
         is_known = torch.tensor([e.class_name is not None for e in held])
         truth = torch.tensor([position.get(e.class_name, -1) for e in held])
