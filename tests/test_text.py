@@ -510,6 +510,25 @@ def test_finetuned_top_starts_as_the_class_mean_and_fits_its_support(minilm: str
     assert torch.equal(with_out(query_states).argmax(1), torch.tensor([0, 1, 0]))
 
 
+def test_finetuned_tops_average_fits_that_differ_in_batch_order(minilm: str) -> None:
+    from metalab.studies import intents
+    from metalab.text import sentence_inputs
+
+    # 40 examples: batches of 32 and 8, so the order decides which examples meet in a step
+    states = sentence_inputs([t for t, _ in SUPPORT] * 10, minilm, top_layers=2,
+                             progress=False)
+    labels = torch.tensor([0, 0, 1, 1] * 10)
+    queries = sentence_inputs(["my new card never arrived", "i want to top up"], minilm,
+                              top_layers=2, progress=False)
+    first, second = (intents.finetuned_top(states, labels, seed)(queries) for seed in (0, 1))
+    assert not torch.equal(first, second)
+    torch.testing.assert_close(intents.finetuned_tops(states, labels, members=1)(queries),
+                               first.log_softmax(1), rtol=0, atol=1e-6)
+    mean = (first.softmax(1) + second.softmax(1)) / 2
+    torch.testing.assert_close(intents.finetuned_tops(states, labels, members=2)(queries),
+                               mean.log(), rtol=0, atol=1e-6)
+
+
 def test_metalab_adapt_finetunes_the_encoder_top_on_sentences(minilm: str, tmp_path: Path,
                                                               capsys) -> None:
     """``metalab adapt --finetune-top`` prints what the study's fine-tuned top predicts from

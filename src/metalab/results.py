@@ -273,6 +273,7 @@ OTHER_DISPLAY_NAMES: dict[str, str] = {
     "logistic-regression": "Logistic regression (frozen)",
     "logistic-regression-oos-class": "Logistic regression + out-of-scope class (frozen)",
     "finetuned-encoder-top": "Fine-tuned encoder top (no meta-training)",
+    "finetuned-encoder-tops": "Fine-tuned encoder tops, mean of 3 (no meta-training)",
     "finetuned-encoder-top-oos-class":
         "Fine-tuned encoder top + out-of-scope class (no meta-training)",
     "use-convert": "USE+ConveRT (frozen)", "cpft": "CPFT",

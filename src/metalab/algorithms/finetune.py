@@ -31,12 +31,13 @@ mini-batches of 4 for 100 epochs); full-batch Adam is deterministic and fast on 
 of a few dozen examples. A support set of hundreds (77 or 150 intents, 10 sentences each) with
 a transformer backbone is fitted in mini-batches instead: with ``finetune_batch = b`` each of
 the ``finetune_steps`` is an epoch, the support set in shuffled mini-batches of ``b`` (the
-order drawn from a generator with a fixed seed, so the predictor stays a function of the
-support set). With ``finetune_all=True`` a deep copy of the backbone is fine-tuned
-along with the head (learning rate ``backbone_lr``), as in MAML's pretraining baseline; the
-copy keeps the module's train/eval mode (call ``eval()`` first so BatchNorm uses the
-pretraining statistics). The module itself is never modified: the predictor holds the head
-and, with ``finetune_all``, the fine-tuned copy.
+order drawn from a generator seeded ``shuffle_seed``, so the predictor stays a function of the
+support set; fits with other seeds differ only in that order, e.g. for an ensemble). With
+``finetune_all=True`` a deep copy of the backbone is fine-tuned along with the head
+(learning rate ``backbone_lr``), as in MAML's pretraining baseline; the copy keeps the
+module's train/eval mode (call ``eval()`` first so BatchNorm uses the pretraining
+statistics). The module itself is never modified: the predictor holds the head and, with
+``finetune_all``, the fine-tuned copy.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class FineTune(MetaLearner):
         finetune_all: bool = False,
         backbone_lr: float = 0.001,
         finetune_batch: int | None = None,
+        shuffle_seed: int = 0,
     ) -> None:
         super().__init__(spec)
         if spec.num_classes < 1:
@@ -107,7 +109,7 @@ class FineTune(MetaLearner):
         self.cosine_scale = cosine_scale if head == "cosine" else None
         self.finetune_steps, self.finetune_lr = finetune_steps, finetune_lr
         self.finetune_all, self.backbone_lr = finetune_all, backbone_lr
-        self.finetune_batch = finetune_batch
+        self.finetune_batch, self.shuffle_seed = finetune_batch, shuffle_seed
         dim = math.prod(feature_shape(backbone, spec.input_shape, spec.input_dtype))
         self.classifier = nn.Linear(dim, spec.num_classes, bias=head == "linear")
 
@@ -164,7 +166,7 @@ class FineTune(MetaLearner):
                  "lr": self.backbone_lr}
             )
         optimiser = torch.optim.Adam(groups)
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator().manual_seed(self.shuffle_seed)
         # The evaluator adapts under torch.no_grad(); fitting the head needs gradients.
         with torch.enable_grad():
             for _ in range(self.finetune_steps):
