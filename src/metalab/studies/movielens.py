@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -50,6 +50,9 @@ from metalab.studies.ratings import (
     ndcg_at,
 )
 from metalab.tasks import TaskBatch
+
+if TYPE_CHECKING:
+    from metalab.config import Config
 
 __all__ = ["BASELINE_GRIDS", "BLENDS", "META_LEARNERS", "fit_baseline", "fit_blend", "main",
            "score", "train_meta"]
@@ -68,11 +71,12 @@ BASELINE_GRIDS: dict[str, list[Callable[[], Any]]] = {
 BLENDS = {"anil+matrix-factorization": ("anil", "matrix-factorization")}
 BLEND_WEIGHTS = (0.25, 0.5, 0.75)  # the meta-learner's weight, chosen on the validation users
 LOW, HIGH = 1.0, 5.0  # the rating scale; every method's predictions are clipped to it
+# predict(support_x, support_ratings, query_x) -> query ratings
+Predictor = Callable[[Tensor, Tensor, Tensor], Tensor]
 DEFAULT_OUT = Path("runs/studies/movielens")
 
 
-def score(tasks: Sequence[TaskBatch], center: float,
-          predict: Callable[[Tensor, Tensor, Tensor], Tensor]) -> dict[str, float]:
+def score(tasks: Sequence[TaskBatch], center: float, predict: Predictor) -> dict[str, float]:
     """MAE and RMSE over every query rating of ``tasks`` and the mean nDCG@3 over users, of
     ``predict(support_x, support_ratings, query_x) -> query ratings`` (clipped to 1..5); and
     ``mae_star``, the MAE of those predictions rounded to the nearest star. Ratings are whole
@@ -101,8 +105,6 @@ def _ratings(source: ml.UserTasks) -> Ratings:
     rows = source.data.ratings[index]
     return Ratings(rows[:, 0], rows[:, 1], rows[:, 2])
 
-
-Predictor = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def _choose_baseline(name: str, train: ml.UserTasks, val: ml.UserTasks, seed: int,
@@ -135,7 +137,7 @@ def fit_baseline(name: str, train: ml.UserTasks, val: ml.UserTasks, test: ml.Use
 
 
 def _meta_config(algorithm: str, seed: int, out: Path, data_dir: str | None,
-                 steps: int | None = None) -> tuple[Any, list[str]]:
+                 steps: int | None = None) -> tuple[Config, list[str]]:
     from metalab.config import load_config
 
     overrides = [f"seed={seed}", f"dataset_options.split_seed={seed}",
@@ -146,7 +148,7 @@ def _meta_config(algorithm: str, seed: int, out: Path, data_dir: str | None,
     return config, overrides
 
 
-def _meta_predictor(config: Any) -> Predictor:
+def _meta_predictor(config: Config) -> Predictor:
     """The predictions of the run ``config``'s ``best.pt``, adapted to each user's support."""
     from metalab.runs import load_checkpoint, task_sources
 
