@@ -117,7 +117,8 @@ class Service:
         self.inputs.load()
         self.digest = checkpoint_digest(self.checkpoint)
         self._lock = threading.RLock()
-        # (sha256, media type) -> inputs.prepare of that content; used under the lock only
+        # (sha256, media type) -> inputs.prepare of that content; read and written under the
+        # lock only
         self._decoded: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self.decoded_kept = DECODED_KEPT
         self.store = Store(store)
@@ -433,9 +434,10 @@ class Service:
         if len(examples) > MAX_EXAMPLES_PER_CLASS:
             raise ServiceError(f"{len(examples)} examples in one request, over the limit of "
                                f"{MAX_EXAMPLES_PER_CLASS}; send them in several.", 413)
-        for content, media_type in examples:
-            self._remember((content_hash(content), media_type),
-                           self.prepare(content, media_type))
+        decoded = [((content_hash(c), m), self.prepare(c, m)) for c, m in examples]
+        with self._lock:  # decoded outside it, so that a large upload blocks no other write
+            for key, item in decoded:
+                self._remember(key, item)
         return list(examples)
 
     def _remember(self, key: tuple[str, str], item: Any) -> Any:
