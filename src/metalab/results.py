@@ -155,7 +155,9 @@ BENCHMARKS: dict[str, Benchmark] = {
         "seeds of the user split; *training* is per seed. Meta-learners: one rating model "
         "(embeddings of item, release year, age, gender, occupation and genres into a 64-unit "
         "layer, then a linear head), targets centred on the meta-train users' mean rating. "
-        "*MAE to stars*: the same predictions rounded to the nearest star, not MeLU's "
+        "The blend (ANIL + matrix factorisation) is the weighted mean of the two's "
+        "predictions, its weight (0.25, 0.5 or 0.75) chosen on the validation users; its "
+        "training is ANIL's. *MAE to stars*: the same predictions rounded to the nearest star, not MeLU's "
         "protocol: ratings are whole stars, and the absolute error is least at the median of "
         "a rating's distribution, a whole star, where every method here fits the mean.",
         {"mae": Setting("MAE", "mae"), "mae-stars": Setting("MAE to stars", "mae"),
