@@ -157,9 +157,10 @@ BENCHMARKS: dict[str, Benchmark] = {
         "layer, then a linear head), targets centred on the meta-train users' mean rating. "
         "The blend (ANIL + matrix factorisation) is the weighted mean of the two's "
         "predictions, its weight (0.25, 0.5 or 0.75) chosen on the validation users; its "
-        "training is ANIL's. *MAE to stars*: the same predictions rounded to the nearest star, not MeLU's "
-        "protocol: ratings are whole stars, and the absolute error is least at the median of "
-        "a rating's distribution, a whole star, where every method here fits the mean.",
+        "training is ANIL's. *MAE to stars*: the same predictions rounded to the nearest "
+        "star, not MeLU's protocol: ratings are whole stars, and the absolute error is least "
+        "at the median of a rating's distribution, a whole star, where every method here fits "
+        "the mean.",
         {"mae": Setting("MAE", "mae"), "mae-stars": Setting("MAE to stars", "mae"),
          "rmse": Setting("RMSE", "rmse"),
          "ndcg3": Setting("nDCG@3", "ndcg")},
