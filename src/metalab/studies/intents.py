@@ -63,8 +63,8 @@ if TYPE_CHECKING:
     from metalab.algorithms.finetune import FineTune
 
 __all__ = ["PROTOCOLS", "finetuned_top", "finetuned_top_learner", "finetuned_tops",
-           "fit_threshold",
-           "logistic_regression", "nearest_class_mean", "open_set_scores", "sample_support"]
+           "fit_threshold", "logistic_regression", "nearest_class_mean", "open_set_scores",
+           "sample_support"]
 
 FOLDS = (1, 2, 3, 4, 5)
 FULL_WAY_SHOTS = (5, 8, 10)
@@ -194,6 +194,11 @@ def finetuned_tops(support_x: Tensor, support_y: Tensor, members: int = ENSEMBLE
     return lambda x: torch.stack([fit(x).softmax(-1) for fit in fits]).mean(0).log()
 
 
+# the 77-way suite's variants: the one fine-tuned row each runs, on the main suite's draws
+FULL_WAY_TOPS = {"top2": (FINETUNED_TOP, finetuned_top),
+                 "top2-ensemble": (FINETUNED_TOPS, finetuned_tops)}
+
+
 def open_set_scores(logits: Tensor, labels: Tensor, in_scope: Tensor, threshold: float,
                     ) -> tuple[float, float]:
     """In-scope accuracy and out-of-scope recall of predictions ``logits`` whose score (the
@@ -314,13 +319,12 @@ def episodic(shots: int, algorithms: list[str] | None = None, steps: int | None 
     return rows
 
 
-def _top_variant(suite: str, variant: str, algorithms: list[str] | None) -> int:
-    """The ``top_layers`` of a full-way suite's ``variant`` ("" or ``top2``: token states
-    for :func:`finetuned_top`, which alone it runs; ``top2-ensemble``: for
-    :func:`finetuned_tops`)."""
-    if variant not in ("", "top2", "top2-ensemble"):
-        raise ValueError(f"{suite} has no variant {variant!r}; it has top2 and "
-                         f"top2-ensemble.")
+def _top_variant(suite: str, variant: str, algorithms: list[str] | None,
+                 known: tuple[str, ...] = ("top2",)) -> int:
+    """The ``top_layers`` of a full-way suite's ``variant`` ("" or one of ``known``: token
+    states for the fine-tuned top, which alone it runs)."""
+    if variant and variant not in known:
+        raise ValueError(f"{suite} has no variant {variant!r}; it has {', '.join(known)}.")
     if variant and algorithms:
         raise ValueError(f"{suite}-{variant} fine-tunes the encoder's top on each support set "
                          f"and meta-trains nothing: run it without --algorithms.")
@@ -332,17 +336,18 @@ def banking77_full_way(algorithms: list[str] | None = None, steps: int | None = 
                        fresh: bool = False, progress: bool = True, variant: str = "",
                        jobs: int = 1) -> list[Row]:
     """``banking77-77w``: one row per (method, K), mean ± CI over the draws;
-    ``banking77-77w-top2``: the rows of :func:`finetuned_top`, on the same draws."""
+    ``banking77-77w-top2`` (``-top2-ensemble``): the rows of :func:`finetuned_top`
+    (:func:`finetuned_tops`), on the same draws."""
     from metalab.data import banking77
 
-    top_layers = _top_variant("banking77-77w", variant, algorithms)
+    top_layers = _top_variant("banking77-77w", variant, algorithms, tuple(FULL_WAY_TOPS))
     train = banking77.load("all-train", progress=progress, top_layers=top_layers)
     query_x, query_y = all_examples(banking77.load("all-test", progress=progress,
                                                    top_layers=top_layers))
     methods: dict[str, tuple[Callable, Row | None]]
     if variant:
-        methods = {FINETUNED_TOPS: (finetuned_tops, None)} if variant == "top2-ensemble" \
-            else {FINETUNED_TOP: (finetuned_top, None)}
+        name, fit = FULL_WAY_TOPS[variant]
+        methods = {name: (fit, None)}
     else:
         methods = {
             LOGISTIC: (lambda x, y: logistic_regression(x, y, 77), None),
@@ -598,7 +603,7 @@ def _bar_note(suite: str, rows: list[dict]) -> str | None:
                 f"{overall['algorithm']} {overall['mean']:.2f}."
                 + ("" if met else " Heads meta-trained on CLINC150 transfer worse to "
                    "BANKING77 than the frozen embedding itself."))
-    if suite in ("banking77-77w-top2", "banking77-77w-top2-ensemble"):
+    if suite.startswith("banking77-77w-top2"):
         top = best([r for r in rows if r["task"].startswith("banking77 77-way 10-shot")])
         met = top["mean"] >= 85.2
         return (f"Bar: K=10 at least 85.2% (USE+ConveRT 85.19): "
@@ -696,7 +701,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m metalab.studies.intents",
         description="Write docs/records/ result records from the tables of the text suites "
         "(metalab compare --suite banking77-5w1s|banking77-5w5s|banking77-77w|clinc150-oos, "
-        "and their -top2 and -top2-trainval variants).")
+        "and their -top2, -top2-trainval and -top2-ensemble variants).")
     parser.add_argument("--records", type=Path, required=True, metavar="COMPARE_DIR",
                         help="the --out folder of those metalab compare runs (runs/compare)")
     parser.add_argument("--machine", default="2-core CPU (no GPU)")
