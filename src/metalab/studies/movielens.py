@@ -148,12 +148,12 @@ def _meta_config(algorithm: str, seed: int, out: Path, data_dir: str | None,
     return config, overrides
 
 
-def _meta_predictor(config: Config) -> Predictor:
-    """The predictions of the run ``config``'s ``best.pt``, adapted to each user's support."""
-    from metalab.runs import load_checkpoint, task_sources
+def _meta_predictor(config: Config, center: float) -> Predictor:
+    """The predictions of the run ``config``'s ``best.pt``, adapted to each user's support
+    (its targets are ratings minus ``center``, the meta-train users' mean)."""
+    from metalab.runs import load_checkpoint
 
     algo, _ = load_checkpoint(Path(config.out) / "best.pt")
-    center = task_sources(config, "test", train=False).center
 
     def predict(sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
         centred = (sy - center).float().unsqueeze(1)
@@ -173,7 +173,7 @@ def train_meta(algorithm: str, seed: int, out: Path, data_dir: str | None,
     trainer = Trainer.from_config(config, progress=progress, overwrite=True)
     state = trainer.fit()
     test = task_sources(config, "test", train=False)
-    result = score(test.all_users(seed), test.center, _meta_predictor(config))
+    result = score(test.all_users(seed), test.center, _meta_predictor(config, test.center))
     return {**result, "train_seconds": state.train_seconds, "steps": state.step,
             "best_val_mse": state.best, "config": config.to_dict(), "overrides": overrides}
 
@@ -191,8 +191,8 @@ def fit_blend(meta: str, baseline: str, splits: dict[str, ml.UserTasks], seed: i
         raise FileNotFoundError(f"the blend of {meta} and {baseline} needs {meta}'s run "
                                 f"{config.out} and its {trained}: run the study with {meta} "
                                 f"among the methods, before the blend.")
-    learned = _meta_predictor(config)
     train, val, test = splits["train"], splits["val"], splits["test"]
+    learned = _meta_predictor(config, train.center)
     _, _, fitted = _choose_baseline(baseline, train, val, seed)
     best = None
     for weight in BLEND_WEIGHTS:
