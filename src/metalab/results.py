@@ -268,6 +268,7 @@ OTHER_DISPLAY_NAMES: dict[str, str] = {
     "item-bias-user-offset": "Item bias + user offset",
     "matrix-factorization": "Matrix factorisation (ALS, fold-in)",
     "anil+matrix-factorization": "ANIL + matrix factorisation (weighted mean)",
+    "anil-ridge": "ANIL, ridge head in closed form",
     "zero-shot": "Zero-shot (source ridge)", "ridge-scratch": "Ridge from scratch",
     "ridge-shrunk": "Ridge shrunk toward source", "target-only-sgd": "Target-only SGD",
     "learned-prior": "Learned prior (ridge shrunk with a meta-learned precision)",
@@ -466,6 +467,12 @@ def _algorithms() -> dict[str, Any]:
     from metalab.algorithms import ALGORITHMS
 
     return ALGORITHMS
+
+
+def _options(algorithm: str) -> dict[str, inspect.Parameter]:
+    from metalab.algorithms.base import option_parameters
+
+    return option_parameters(_algorithms()[algorithm])
 
 
 def load_records(directory: Path = RECORDS_DIR) -> list[dict[str, Any]]:
@@ -806,7 +813,7 @@ def _option_default(algorithm: str, mapping: str, option: str) -> Any:
     """The value a run had for ``mapping.option`` without setting it: the algorithm's
     default for an algorithm option; for any other mapping there is no telling."""
     if mapping == "algorithm_options":
-        parameter = inspect.signature(_algorithms()[algorithm]).parameters.get(option)
+        parameter = _options(algorithm).get(option)
         if parameter is not None and parameter.default is not inspect.Parameter.empty:
             return parameter.default
     raise ValueError(f"the built-in config sets {mapping}.{option}, the run did not, and its "
@@ -826,8 +833,7 @@ def _batch_norm_as_trained(values: dict[str, Any]) -> str:
         return "none"
     option = values.get("algorithm_options", {}).get("batch_norm")
     if option is None:
-        parameter = inspect.signature(_algorithms()[values["algorithm"]]).parameters.get(
-            "batch_norm")
+        parameter = _options(values["algorithm"]).get("batch_norm")
         option = parameter.default if parameter is not None else None
     return option if option in ("support", "transductive") else "running"
 

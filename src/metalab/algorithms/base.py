@@ -15,6 +15,7 @@ decorate it with :func:`register`. The trainer, evaluator, comparison and CLI on
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -33,6 +34,7 @@ __all__ = [
     "TaskSpec",
     "build_algorithm",
     "check_n_way",
+    "option_parameters",
     "register",
     "task_spec",
 ]
@@ -174,6 +176,23 @@ def register(cls: type[MetaLearner]) -> type[MetaLearner]:
     return cls
 
 
+def option_parameters(cls: type[MetaLearner]) -> dict[str, inspect.Parameter]:
+    """The keyword options of algorithm class ``cls`` (its ``__init__`` after ``backbone``
+    and ``spec``), by name: those of the classes it extends too where its ``__init__`` passes
+    ``**options`` on to theirs (a variant adds options, it does not restate its parent's)."""
+    options: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(klass.__init__).parameters.values()
+        options.update({p.name: p for p in parameters if p.name not in options
+                        and p.name not in ("self", "backbone", "spec")
+                        and p.kind is not inspect.Parameter.VAR_KEYWORD})
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            break
+    return options
+
+
 def build_algorithm(
     name: str, backbone: nn.Module, spec: TaskSpec, **options: object
 ) -> MetaLearner:
@@ -182,8 +201,6 @@ def build_algorithm(
     ``options`` are the algorithm's own keyword arguments; an unknown one is an error that
     lists the valid ones.
     """
-    import inspect
-
     if name not in ALGORITHMS:
         raise ValueError(
             f"unknown algorithm {name!r}; registered algorithms: {', '.join(sorted(ALGORITHMS))}."
@@ -195,8 +212,7 @@ def build_algorithm(
             f"{name} cannot learn {spec.kind.name} tasks; algorithms that can: "
             f"{', '.join(able) or '(none)'}."
         )
-    params = inspect.signature(cls.__init__).parameters
-    valid = [p for p in params if p not in ("self", "backbone", "spec")]
+    valid = list(option_parameters(cls))
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(
