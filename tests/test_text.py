@@ -510,6 +510,49 @@ def test_finetuned_top_starts_as_the_class_mean_and_fits_its_support(minilm: str
     assert torch.equal(with_out(query_states).argmax(1), torch.tensor([0, 1, 0]))
 
 
+def test_a_finetuned_whole_encoder_starts_as_the_encoder_and_fits_its_support(
+        minilm: str, monkeypatch) -> None:
+    """``layers=6``: the top is all of MiniLM over its token embeddings; untrained, its
+    imprinted head is the nearest class mean of the encoder's own embeddings."""
+    from metalab.studies import intents
+    from metalab.text import sentence_inputs
+
+    sentences = [t for t, _ in SUPPORT]
+    support_y = torch.tensor([0, 0, 1, 1])
+    queries = ["my card never came", "top up please"]
+    states, query_states = (sentence_inputs(s, minilm, top_layers=6, progress=False)
+                            for s in (sentences, queries))
+    frozen = text.load_encoder(minilm).encode(sentences + queries)
+    expected = 20.0 * nearest_class_mean(frozen[:4], support_y, 2)(frozen[4:])
+    with monkeypatch.context() as patched:
+        patched.setitem(intents.FINETUNE_TOP, "finetune_steps", 0)
+        untrained = intents.finetuned_top(states, support_y, layers=6)
+        torch.testing.assert_close(untrained(query_states), expected, rtol=0, atol=1e-3)
+    trained = intents.finetuned_top(states, support_y, layers=6)
+    assert torch.equal(trained(states).argmax(1), support_y)
+    assert torch.equal(trained(query_states).argmax(1), torch.tensor([0, 1]))
+
+
+def test_fine_tuned_tops_score_queries_by_length_in_their_order(minilm: str,
+                                                                monkeypatch) -> None:
+    """Chunks of sentences of similar length, rows back in the caller's order: the logits of
+    one pass over every query."""
+    from metalab.models.encoder_top import EncoderTop
+    from metalab.studies import intents
+    from metalab.text import sentence_inputs
+
+    queries = ["hi", "my card has still not arrived after two weeks, what should i do now",
+               "top up", "where is my card", "why was i charged twice for one purchase"]
+    states = sentence_inputs(queries, minilm, top_layers=2, progress=False)
+    lengths = (states.abs().sum(-1) > 0).sum(1)
+    assert not torch.equal(lengths.argsort(), torch.arange(len(queries)))  # order matters
+    top = EncoderTop((1, 384), minilm, layers=2).eval()
+    monkeypatch.setattr(intents, "QUERY_CHUNK", 2)
+    with torch.no_grad():
+        torch.testing.assert_close(intents.by_length(top, states), top(states),
+                                   rtol=0, atol=1e-5)
+
+
 def test_finetuned_tops_average_fits_that_differ_in_batch_order(minilm: str) -> None:
     from metalab.studies import intents
     from metalab.text import sentence_inputs
@@ -583,6 +626,25 @@ def test_top2_records_keep_the_fine_tuned_rows_and_leave_the_main_suites_baselin
     assert "nothing here is meta-learned" in record["note"]
 
 
+def test_whole_encoder_records_keep_the_bars_k_and_their_settings(tmp_path: Path) -> None:
+    import json
+
+    from metalab.studies.intents import FINETUNE_TOP, FINETUNED_ENCODERS, records
+
+    (tmp_path / "banking77-77w-top6-ensemble").mkdir()
+    (tmp_path / "banking77-77w-top6-ensemble" / "table.json").write_text(json.dumps(
+        [{"task": "banking77 77-way 10-shot (all test sentences)",
+          "algorithm": FINETUNED_ENCODERS, "family": "baseline (fine-tuned)", "mean": 85.1,
+          "ci95": 0.4, "train_seconds": 0.0, "train_steps": 0, "run_dir": ""}]))
+    (name, record), = records(tmp_path, "test machine")
+    assert name == "banking77-77w/finetuned-encoders-77w-top6-ensemble.json"
+    assert [r["setting"] for r in record["results"]] == ["k10"]
+    assert record["config"]["values"] == {"algorithm": "finetuned-encoders", "top_layers": 6,
+                                          **FINETUNE_TOP, "members": 3}
+    assert record["protocol"]["variant"].startswith("all 6 of MiniLM's layers")
+    assert record["note"].startswith("Bar: K=10 at least 85.2% (USE+ConveRT 85.19): not met")
+
+
 def test_trainval_records_name_their_training_split_and_judge_the_bar(tmp_path: Path) -> None:
     import json
 
@@ -613,7 +675,7 @@ def test_trainval_records_name_their_training_split_and_judge_the_bar(tmp_path: 
 def test_top2_full_way_suites_meta_train_nothing(tmp_path: Path) -> None:
     from metalab.compare import run_compare
 
-    for suite in ("banking77-77w-top2", "clinc150-oos-top2"):
+    for suite in ("banking77-77w-top2", "banking77-77w-top6-ensemble", "clinc150-oos-top2"):
         with pytest.raises(ValueError, match="meta-trains nothing: run it without --algorithms"):
             run_compare(suite, algorithms=["protonet"], out=tmp_path, progress=False,
                         plots=False)

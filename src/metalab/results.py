@@ -222,7 +222,10 @@ BENCHMARKS: dict[str, Benchmark] = {
         "fine-tuned encoder top trains MiniLM's last two layers and a cosine head on each "
         "K-shot support set (3 epochs, mini-batches of 32, Adam at 5e-5 for the layers and "
         "1e-3 for the head), nothing meta-trained (`metalab compare --suite "
-        "banking77-77w-top2`, same draws). Published rows use other, larger encoders.",
+        "banking77-77w-top2`, same draws); the means of 3 such fits differing in their "
+        "batch order average their class probabilities, of the last two layers or of all six "
+        "(`--suite banking77-77w-top2-ensemble`, `-top6-ensemble`). Published rows use other, "
+        "larger encoders.",
         {f"k{k}": Setting(f"K={k}", "accuracy") for k in (5, 8, 10)},
         ("export METALAB_DATA=../shared/data   # the folder holding banking77/, clinc150/",)),
     "clinc150-oos": Benchmark(
@@ -281,6 +284,7 @@ OTHER_DISPLAY_NAMES: dict[str, str] = {
     "logistic-regression-oos-class": "Logistic regression + out-of-scope class (frozen)",
     "finetuned-encoder-top": "Fine-tuned encoder top (no meta-training)",
     "finetuned-encoder-tops": "Fine-tuned encoder tops, mean of 3 (no meta-training)",
+    "finetuned-encoders": "Fine-tuned whole encoders, mean of 3 (no meta-training)",
     "finetuned-encoder-top-oos-class":
         "Fine-tuned encoder top + out-of-scope class (no meta-training)",
     "use-convert": "USE+ConveRT (frozen)", "cpft": "CPFT",

@@ -28,7 +28,9 @@ The ``-top2`` variants train all-MiniLM-L6-v2's last two layers instead of a hea
 frozen embeddings (:mod:`metalab.models.encoder_top`): ``banking77-5w1s-top2`` /
 ``-5w5s-top2`` meta-train them with ProtoNet; ``banking77-77w-top2`` and ``clinc150-oos-top2``
 fine-tune them on each support set (:func:`finetuned_top`), with nothing meta-trained, on
-the same draws as their main suites. ``banking77-5w1s-top2-trainval`` meta-trains the top on
+the same draws as their main suites; ``banking77-77w-top2-ensemble`` averages three such fits and
+``banking77-77w-top6-ensemble`` three fits of all six layers, the whole encoder (at K = 10 only:
+each fit costs a minute on a CPU). ``banking77-5w1s-top2-trainval`` meta-trains the top on
 each fold's training and validation intents together (50 intents instead of 25), with the
 settings the validation intents chose for ``-5w1s-top2``, and scores the final weights.
 
@@ -46,7 +48,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -75,8 +77,9 @@ OOS_L2 = (1.0, 0.1, 0.01)  # L2 weights the out-of-scope suite's logistic regres
 LOGISTIC, LOGISTIC_OOS_CLASS = "logistic regression", "logistic regression + oos class"
 FINETUNED_TOP, FINETUNED_TOP_OOS_CLASS = "fine-tuned encoder top", "fine-tuned top + oos class"
 FINETUNED_TOPS = "fine-tuned encoder tops, mean of 3"
+FINETUNED_ENCODERS = "fine-tuned whole encoders, mean of 3"
 # rows with no meta-training of their own
-FINE_TUNED = (FINETUNED_TOP, FINETUNED_TOP_OOS_CLASS, FINETUNED_TOPS)
+FINE_TUNED = (FINETUNED_TOP, FINETUNED_TOP_OOS_CLASS, FINETUNED_TOPS, FINETUNED_ENCODERS)
 TOP_LAYERS = 2
 # Baseline++'s fit (Chen et al. 2019: a cosine head imprinted with the class means) of the
 # encoder's top and head together, in epochs of mini-batches; the learning rates are those of
@@ -154,9 +157,9 @@ def logistic_regression(support_x: Tensor, support_y: Tensor, num_classes: int,
 
 
 def finetuned_top_learner(encoder: str | os.PathLike | SentenceEncoder = DEFAULT_ENCODER,
-                          shuffle_seed: int = 0) -> FineTune:
+                          shuffle_seed: int = 0, layers: int = TOP_LAYERS) -> FineTune:
     """An untrained :class:`~metalab.algorithms.finetune.FineTune` with :data:`FINETUNE_TOP`
-    over ``encoder``'s last :data:`TOP_LAYERS` layers (an
+    over ``encoder``'s last ``layers`` layers (an
     :class:`~metalab.models.encoder_top.EncoderTop`): adapting it to a support set of token
     states fine-tunes those layers and a cosine head on it. What :func:`finetuned_top` and
     ``metalab adapt --finetune-top`` adapt; nothing in it is meta-trained. ``shuffle_seed``
@@ -169,34 +172,58 @@ def finetuned_top_learner(encoder: str | os.PathLike | SentenceEncoder = DEFAULT
     bert, _ = transformer_parts(encoder)
     shape = (1, bert.config.hidden_size)  # token states [tokens, width]; any token count
     # num_classes sizes the pretraining classifier only: adapting imprints a head per support
-    return FineTune(EncoderTop(shape, encoder, layers=TOP_LAYERS),
+    return FineTune(EncoderTop(shape, encoder, layers=layers),
                     TaskSpec(input_shape=shape, num_classes=1),
                     **FINETUNE_TOP, shuffle_seed=shuffle_seed,
                     ).eval()  # eval: no dropout, a function of the support
 
 
+def by_length(predict: Callable[[Tensor], Tensor], states: Tensor) -> Tensor:
+    """``predict`` over sentences' token states ``[N, T, D]`` in chunks of
+    :data:`QUERY_CHUNK` sentences of similar length, so that a chunk's padding (which an
+    :class:`~metalab.models.encoder_top.EncoderTop` trims to its longest sentence) is short;
+    rows in the order of ``states``."""
+    order = (states.abs().sum(-1) > 0).sum(1).argsort(stable=True)
+    out = torch.cat([predict(states[part]) for part in order.split(QUERY_CHUNK)])
+    return out[order.argsort()]
+
+
 def finetuned_top(support_x: Tensor, support_y: Tensor, shuffle_seed: int = 0,
-                  ) -> Callable[[Tensor], Tensor]:
-    """The encoder's last :data:`TOP_LAYERS` layers and a cosine head fine-tuned on one
-    support set of token states (:func:`finetuned_top_learner`): SetFit's idea (Tunstall et
-    al. 2022), the encoder itself adapted to the few labelled sentences, with Baseline++'s
-    classifier. Returns the logits function."""
-    predict = finetuned_top_learner(shuffle_seed=shuffle_seed).adapt(support_x, support_y)
-    return lambda x: torch.cat([predict(part) for part in x.split(QUERY_CHUNK)])
+                  layers: int = TOP_LAYERS) -> Callable[[Tensor], Tensor]:
+    """The encoder's last ``layers`` layers and a cosine head fine-tuned on one support set
+    of token states (:func:`finetuned_top_learner`): SetFit's idea (Tunstall et al. 2022),
+    the encoder itself adapted to the few labelled sentences, with Baseline++'s classifier.
+    Returns the logits function."""
+    predict = finetuned_top_learner(shuffle_seed=shuffle_seed, layers=layers).adapt(
+        support_x, support_y)
+    return partial(by_length, predict)
 
 
 def finetuned_tops(support_x: Tensor, support_y: Tensor, members: int = ENSEMBLE,
-                   ) -> Callable[[Tensor], Tensor]:
+                   layers: int = TOP_LAYERS) -> Callable[[Tensor], Tensor]:
     """The mean class probabilities of ``members`` :func:`finetuned_top` fits that differ in
     the order of their mini-batches only (``shuffle_seed`` 0, 1, ...): a deep ensemble
     (Lakshminarayanan et al. 2017) of the fine-tuned top. Returns their logarithm."""
-    fits = [finetuned_top(support_x, support_y, seed) for seed in range(members)]
+    fits = [finetuned_top(support_x, support_y, seed, layers) for seed in range(members)]
     return lambda x: torch.stack([fit(x).softmax(-1) for fit in fits]).mean(0).log()
 
 
-# the 77-way suite's variants: the one fine-tuned row each runs, on the main suite's draws
-FULL_WAY_TOPS = {"top2": (FINETUNED_TOP, finetuned_top),
-                 "top2-ensemble": (FINETUNED_TOPS, finetuned_tops)}
+class FullWayTop(NamedTuple):
+    """A variant of the 77-way suite: the one fine-tuned row it runs, on the main suite's
+    draws, with the token states below its ``layers`` and the K it scores."""
+    name: str
+    fit: Callable[[Tensor, Tensor], Callable[[Tensor], Tensor]]
+    layers: int = TOP_LAYERS
+    shots: tuple[int, ...] = FULL_WAY_SHOTS
+
+
+FULL_WAY_TOPS = {
+    "top2": FullWayTop(FINETUNED_TOP, finetuned_top),
+    "top2-ensemble": FullWayTop(FINETUNED_TOPS, finetuned_tops),
+    # the bar's K only: 30 fits of the whole encoder take 35 minutes on a 2-core CPU
+    "top6-ensemble": FullWayTop(FINETUNED_ENCODERS, partial(finetuned_tops, layers=6),
+                                layers=6, shots=(10,)),
+}
 
 
 def open_set_scores(logits: Tensor, labels: Tensor, in_scope: Tensor, threshold: float,
@@ -320,15 +347,17 @@ def episodic(shots: int, algorithms: list[str] | None = None, steps: int | None 
 
 
 def _top_variant(suite: str, variant: str, algorithms: list[str] | None,
-                 known: tuple[str, ...] = ("top2",)) -> int:
-    """The ``top_layers`` of a full-way suite's ``variant`` ("" or one of ``known``: token
-    states for the fine-tuned top, which alone it runs)."""
+                 known: dict[str, int] | None = None) -> int:
+    """The ``top_layers`` of a full-way suite's ``variant`` ("" or a key of ``known``,
+    variant -> layers, by default ``top2`` alone: token states for the fine-tuned top,
+    which alone it runs)."""
+    known = known or {"top2": TOP_LAYERS}
     if variant and variant not in known:
         raise ValueError(f"{suite} has no variant {variant!r}; it has {', '.join(known)}.")
     if variant and algorithms:
         raise ValueError(f"{suite}-{variant} fine-tunes the encoder's top on each support set "
                          f"and meta-trains nothing: run it without --algorithms.")
-    return TOP_LAYERS if variant else 0
+    return known[variant] if variant else 0
 
 
 def banking77_full_way(algorithms: list[str] | None = None, steps: int | None = None,
@@ -336,18 +365,21 @@ def banking77_full_way(algorithms: list[str] | None = None, steps: int | None = 
                        fresh: bool = False, progress: bool = True, variant: str = "",
                        jobs: int = 1) -> list[Row]:
     """``banking77-77w``: one row per (method, K), mean ± CI over the draws;
-    ``banking77-77w-top2`` (``-top2-ensemble``): the rows of :func:`finetuned_top`
-    (:func:`finetuned_tops`), on the same draws."""
+    ``banking77-77w-top2`` (``-top2-ensemble``, ``-top6-ensemble``): the row of
+    :data:`FULL_WAY_TOPS`'s ``variant``, on the same draws."""
     from metalab.data import banking77
 
-    top_layers = _top_variant("banking77-77w", variant, algorithms, tuple(FULL_WAY_TOPS))
+    top_layers = _top_variant("banking77-77w", variant, algorithms,
+                              {name: top.layers for name, top in FULL_WAY_TOPS.items()})
     train = banking77.load("all-train", progress=progress, top_layers=top_layers)
     query_x, query_y = all_examples(banking77.load("all-test", progress=progress,
                                                    top_layers=top_layers))
     methods: dict[str, tuple[Callable, Row | None]]
+    shots_scored = FULL_WAY_SHOTS
     if variant:
-        name, fit = FULL_WAY_TOPS[variant]
-        methods = {name: (fit, None)}
+        top = FULL_WAY_TOPS[variant]
+        methods = {top.name: (top.fit, None)}
+        shots_scored = top.shots
     else:
         methods = {
             LOGISTIC: (lambda x, y: logistic_regression(x, y, 77), None),
@@ -356,7 +388,7 @@ def banking77_full_way(algorithms: list[str] | None = None, steps: int | None = 
         methods.update(_adapters("banking77/{}-77w", algorithms or _default_algorithms(),
                                  steps, budget, out, fresh, progress, jobs))
     rows = []
-    for shots in FULL_WAY_SHOTS:
+    for shots in shots_scored:
         task = f"banking77 77-way {shots}-shot (all test sentences)"
         for name, (fit, row) in methods.items():
             scores, adapt_ms, query_ms = [], [], []
@@ -526,6 +558,7 @@ PROTOCOLS: dict[str, Callable[..., list[Row]]] = {
     "banking77-77w": banking77_full_way,
     "banking77-77w-top2": partial(banking77_full_way, variant="top2"),
     "banking77-77w-top2-ensemble": partial(banking77_full_way, variant="top2-ensemble"),
+    "banking77-77w-top6-ensemble": partial(banking77_full_way, variant="top6-ensemble"),
     "clinc150-oos": clinc150_oos,
     "clinc150-oos-top2": partial(clinc150_oos, variant="top2"),
 }
@@ -537,7 +570,8 @@ BASELINES = {"nearest class mean": "nearest-class-mean", LOGISTIC: "logistic-reg
              LOGISTIC_OOS_CLASS: "logistic-regression-oos-class",
              FINETUNED_TOP: "finetuned-encoder-top",
              FINETUNED_TOP_OOS_CLASS: "finetuned-encoder-top-oos-class",
-             FINETUNED_TOPS: "finetuned-encoder-tops"}
+             FINETUNED_TOPS: "finetuned-encoder-tops",
+             FINETUNED_ENCODERS: "finetuned-encoders"}
 # suite -> (benchmark of docs/results.md, settings by row task, test episodes or draws)
 RECORDED = {
     "banking77-5w1s": ("banking77-episodic", {"banking77 5-way 1-shot (5 folds)": "5w1s"},
@@ -551,7 +585,8 @@ RECORDED = {
                             {"banking77 5-way 5-shot (5 folds)": "5w5s"}, 600 * len(FOLDS)),
     **{suite: ("banking77-77w", {f"banking77 77-way {k}-shot (all test sentences)": f"k{k}"
                                  for k in FULL_WAY_SHOTS}, DRAWS)
-       for suite in ("banking77-77w", "banking77-77w-top2", "banking77-77w-top2-ensemble")},
+       for suite in ("banking77-77w", "banking77-77w-top2", "banking77-77w-top2-ensemble",
+                     "banking77-77w-top6-ensemble")},
     **{suite: ("clinc150-oos", {
         f"clinc150 150-way {OOS_SHOTS}-shot, in-scope accuracy": "in-scope",
         f"clinc150 150-way {OOS_SHOTS}-shot, out-of-scope recall": "oos-recall"}, OOS_DRAWS)
@@ -561,7 +596,8 @@ RECORDED = {
 
 META_FAMILIES = ("metric", "optimization", "model")
 VARIANT_SUITES = ("banking77-5w1s-top2", "banking77-5w5s-top2", "banking77-5w1s-top2-trainval",
-                  "banking77-77w-top2", "banking77-77w-top2-ensemble", "clinc150-oos-top2")
+                  "banking77-77w-top2", "banking77-77w-top2-ensemble",
+                  "banking77-77w-top6-ensemble", "clinc150-oos-top2")
 VARIANTS = {  # suite -> how its meta-learned rows were trained, for the records
     "banking77-5w1s": "ProtAugment folds 1-5 averaged",
     "banking77-5w5s": "ProtAugment folds 1-5 averaged",
@@ -572,6 +608,8 @@ VARIANTS = {  # suite -> how its meta-learned rows were trained, for the records
     "banking77-77w": "heads meta-trained on CLINC150 minus banking domains",
     "banking77-77w-top2": "MiniLM's last 2 layers fine-tuned on the support",
     "banking77-77w-top2-ensemble": "MiniLM's last 2 layers fine-tuned on the support 3 "
+                                   "times (batch orders), probabilities averaged",
+    "banking77-77w-top6-ensemble": "all 6 of MiniLM's layers fine-tuned on the support 3 "
                                    "times (batch orders), probabilities averaged",
     "clinc150-oos": "heads meta-trained on BANKING77; threshold on val",
     "clinc150-oos-top2": "MiniLM's last 2 layers fine-tuned on the support; threshold on val",
@@ -603,7 +641,7 @@ def _bar_note(suite: str, rows: list[dict]) -> str | None:
                 f"{overall['algorithm']} {overall['mean']:.2f}."
                 + ("" if met else " Heads meta-trained on CLINC150 transfer worse to "
                    "BANKING77 than the frozen embedding itself."))
-    if suite.startswith("banking77-77w-top2"):
+    if suite.startswith(("banking77-77w-top2", "banking77-77w-top6")):
         top = best([r for r in rows if r["task"].startswith("banking77 77-way 10-shot")])
         met = top["mean"] >= 85.2
         return (f"Bar: K=10 at least 85.2% (USE+ConveRT 85.19): "
@@ -622,6 +660,13 @@ def _bar_note(suite: str, rows: list[dict]) -> str | None:
                 + (" These rows are baselines: nothing here is meta-learned."
                    if suite in VARIANT_SUITES else ""))
     return None
+
+
+def _fine_tuned_values(suite: str, name: str) -> dict:
+    """The settings of ``suite``'s fine-tuned row ``name``, for its record."""
+    variant = FULL_WAY_TOPS.get(suite.removeprefix("banking77-77w-"))
+    members = {"members": ENSEMBLE} if name in (FINETUNED_TOPS, FINETUNED_ENCODERS) else {}
+    return {"top_layers": variant.layers if variant else TOP_LAYERS, **FINETUNE_TOP, **members}
 
 
 def records(compare_dir: Path, machine: str) -> list[tuple[str, dict]]:
@@ -664,9 +709,7 @@ def records(compare_dir: Path, machine: str) -> list[tuple[str, dict]]:
             else:
                 config = {"name": "metalab.studies.intents", "overrides": [],
                           "values": {"algorithm": method, **(
-                              {"top_layers": TOP_LAYERS, **FINETUNE_TOP,
-                               **({"members": ENSEMBLE} if name == FINETUNED_TOPS else {})}
-                              if name in FINE_TUNED else {})}}
+                              _fine_tuned_values(suite, name) if name in FINE_TUNED else {})}}
             record = {
                 "kind": "run", "benchmark": benchmark, "algorithm": method,
                 "protocol": {"train_split": train_split, "batch_norm": "none",
@@ -701,7 +744,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m metalab.studies.intents",
         description="Write docs/records/ result records from the tables of the text suites "
         "(metalab compare --suite banking77-5w1s|banking77-5w5s|banking77-77w|clinc150-oos, "
-        "and their -top2, -top2-trainval and -top2-ensemble variants).")
+        "and their -top2, -top2-trainval, -top2-ensemble and -top6-ensemble variants).")
     parser.add_argument("--records", type=Path, required=True, metavar="COMPARE_DIR",
                         help="the --out folder of those metalab compare runs (runs/compare)")
     parser.add_argument("--machine", default="2-core CPU (no GPU)")
