@@ -600,6 +600,20 @@ def test_metalab_adapt_finetunes_the_encoder_top_on_sentences(minilm: str, tmp_p
     assert "not both" in capsys.readouterr().err
     assert main(["adapt", "--support", str(support), "--query", str(tmp_path / "q.txt")]) == 2
     assert "give the checkpoint to adapt" in capsys.readouterr().err
+    # the whole encoder: the study's fit of all six layers
+    main(["adapt", "--finetune-top", "--finetune-layers", "6", "--support", str(support),
+          "--query", str(tmp_path / "q.txt")])
+    scores = [float(line.split("\t")[2]) for line in capsys.readouterr().out.splitlines()]
+    states, query_states = (sentence_inputs(s, minilm, top_layers=6, progress=False)
+                            for s in ([t for t, _ in SUPPORT], queries))
+    expected = intents.finetuned_top(states, labels, layers=6)(query_states)
+    assert scores == pytest.approx(expected.softmax(1).max(1).values.tolist(), abs=1e-3)
+    assert main(["adapt", "--finetune-top", "--finetune-layers", "7", "--support",
+                 str(support), "--query", str(tmp_path / "q.txt")]) == 2
+    assert "between 1 and the encoder's 6 layers" in capsys.readouterr().err
+    assert main(["adapt", str(tmp_path / "best.pt"), "--finetune-layers", "6", "--support",
+                 str(support), "--query", str(tmp_path / "q.txt")]) == 2
+    assert "give it with --finetune-top" in capsys.readouterr().err
 
 
 def test_top2_records_keep_the_fine_tuned_rows_and_leave_the_main_suites_baselines(

@@ -142,11 +142,15 @@ def _adapt(args: argparse.Namespace) -> None:
             raise ValueError("give a checkpoint or --finetune-top, not both: --finetune-top "
                              "fine-tunes the sentence encoder's top on the support itself, "
                              "from no checkpoint.")
-        from metalab.studies.intents import finetuned_top_learner
+        from metalab.studies.intents import TOP_LAYERS, finetuned_top_learner
         from metalab.text import DEFAULT_ENCODER
 
-        _adapt_sentences(args, finetuned_top_learner(), DEFAULT_ENCODER)
+        layers = TOP_LAYERS if args.finetune_layers is None else args.finetune_layers
+        _adapt_sentences(args, finetuned_top_learner(layers=layers), DEFAULT_ENCODER)
         return
+    if args.finetune_layers is not None:
+        raise ValueError("--finetune-layers says how many layers --finetune-top fine-tunes; "
+                         "give it with --finetune-top (a checkpoint adapts as it was trained).")
     if args.checkpoint is None:
         raise ValueError("give the checkpoint to adapt (a run's best.pt, from metalab train), "
                          "or --finetune-top to fine-tune the sentence encoder's top on "
@@ -362,7 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
         "layers and a cosine head on the support sentences themselves (nothing meta-trained; "
         "the most accurate classifier of BANKING77's 77 intents from 10 examples each here, "
         "84.7% against 80.8% for a logistic regression on frozen embeddings; under a minute "
-        "of fine-tuning for 770 sentences on a 2-core CPU).",
+        "of fine-tuning for 770 sentences on a 2-core CPU). --finetune-layers 6 fine-tunes "
+        "the whole encoder instead: about 3 times the time, 0.5 to 0.8 points more accurate "
+        "on BANKING77 validation draws.",
         epilog="Examples: metalab adapt runs/banking77/default-5w1s/best.pt --support "
         "intents.csv --query - --threshold 0.5;  metalab adapt --finetune-top --support "
         "intents.csv --query questions.txt")
@@ -371,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--finetune-top", action="store_true",
                        help="sentences: fine-tune the encoder's top on the support instead "
                        "of adapting a checkpoint")
+    adapt.add_argument("--finetune-layers", type=int, metavar="N",
+                       help="with --finetune-top: how many of the encoder's last layers to "
+                       "fine-tune (default 2; 6 is all of MiniLM's)")
     adapt.add_argument("--support", required=True,
                        help="folder of class sub-folders of images, or a CSV/JSONL of "
                        "sentences and intents")
