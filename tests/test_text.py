@@ -640,7 +640,7 @@ def test_top2_records_keep_the_fine_tuned_rows_and_leave_the_main_suites_baselin
     assert "nothing here is meta-learned" in record["note"]
 
 
-def test_whole_encoder_records_keep_the_bars_k_and_their_settings(tmp_path: Path) -> None:
+def test_whole_encoder_records_give_their_layers_and_members(tmp_path: Path) -> None:
     import json
 
     from metalab.studies.intents import FINETUNE_TOP, FINETUNED_ENCODERS, records

@@ -29,8 +29,7 @@ frozen embeddings (:mod:`metalab.models.encoder_top`): ``banking77-5w1s-top2`` /
 ``-5w5s-top2`` meta-train them with ProtoNet; ``banking77-77w-top2`` and ``clinc150-oos-top2``
 fine-tune them on each support set (:func:`finetuned_top`), with nothing meta-trained, on
 the same draws as their main suites; ``banking77-77w-top2-ensemble`` averages three such fits and
-``banking77-77w-top6-ensemble`` three fits of all six layers, the whole encoder (at K = 10 only:
-30 fits of the whole encoder take about 20 minutes on a 2-core CPU).
+``banking77-77w-top6-ensemble`` three fits of all six layers, the whole encoder.
 ``banking77-5w1s-top2-trainval`` meta-trains the top on each fold's training and validation
 intents together (50 intents instead of 25), with the settings the validation intents chose
 for ``-5w1s-top2``, and scores the final weights.
@@ -223,9 +222,9 @@ FULL_WAY_TOPS = {
     "top2-ensemble": FullWayTop(FINETUNED_TOPS, finetuned_tops),
     # Chosen as the top's settings were, on two 10-shot draws of training sentences validated
     # on the others: 85.67 and 84.44 against 84.99 and 83.89 for three fits of the last two
-    # layers. The bar's K only: its 30 fits take about 20 minutes on a 2-core CPU.
+    # layers. Its 90 fits take about 45 minutes on a 2-core CPU.
     "top6-ensemble": FullWayTop(FINETUNED_ENCODERS, partial(finetuned_tops, layers=6),
-                                layers=6, shots=(10,)),
+                                layers=6),
 }
 
 
