@@ -34,7 +34,13 @@ from metalab.text import (
     transformer_parts,
 )
 
-__all__ = ["EncoderTop", "top_layers_of"]
+__all__ = ["EncoderTop", "token_mask", "top_layers_of"]
+
+
+def token_mask(states: Tensor) -> Tensor:
+    """Which of the token states ``[B, T, D]`` are tokens ``[B, T]``: zero vectors are the
+    padding of sentences shorter than ``T``."""
+    return states.abs().sum(-1) > 0
 
 
 class EncoderTop(nn.Module):
@@ -57,7 +63,7 @@ class EncoderTop(nn.Module):
         self.layers = copy.deepcopy(bert.encoder.layer[below:])
 
     def forward(self, states: Tensor) -> Tensor:
-        mask = states.abs().sum(-1) > 0
+        mask = token_mask(states)
         length = max(int(mask.sum(1).max()), 1)  # right padding: drop the all-padding tail
         states, mask = states[:, :length], mask[:, :length]
         states = run_layers(self.layers, states, mask)

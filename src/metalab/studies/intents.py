@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 from metalab.compare import Row, part_config, run_many
 from metalab.evaluate import fit_threshold, mean_ci95, open_set_right
 from metalab.kinds import CLASSIFICATION
+from metalab.models.encoder_top import token_mask
 from metalab.tasks import ClassDataset
 from metalab.text import DEFAULT_ENCODER, SentenceEncoder
 
@@ -183,7 +184,7 @@ def by_length(predict: Callable[[Tensor], Tensor], states: Tensor) -> Tensor:
     :data:`QUERY_CHUNK` sentences of similar length, so that a chunk's padding (which an
     :class:`~metalab.models.encoder_top.EncoderTop` trims to its longest sentence) is short;
     rows in the order of ``states``."""
-    order = (states.abs().sum(-1) > 0).sum(1).argsort(stable=True)
+    order = token_mask(states).sum(1).argsort(stable=True)
     out = torch.cat([predict(states[part]) for part in order.split(QUERY_CHUNK)])
     return out[order.argsort()]
 
@@ -210,11 +211,11 @@ def finetuned_tops(support_x: Tensor, support_y: Tensor, members: int = ENSEMBLE
 
 class FullWayTop(NamedTuple):
     """A variant of the 77-way suite: the one fine-tuned row it runs, on the main suite's
-    draws, with the token states below its ``layers`` and the K it scores."""
+    draws, ``fit`` (:func:`finetuned_top` or :func:`finetuned_tops`) over the encoder's last
+    ``layers``."""
     name: str
-    fit: Callable[[Tensor, Tensor], Callable[[Tensor], Tensor]]
+    fit: Callable[..., Callable[[Tensor], Tensor]]
     layers: int = TOP_LAYERS
-    shots: tuple[int, ...] = FULL_WAY_SHOTS
 
 
 FULL_WAY_TOPS = {
@@ -223,8 +224,7 @@ FULL_WAY_TOPS = {
     # Chosen as the top's settings were, on two 10-shot draws of training sentences validated
     # on the others: 85.67 and 84.44 against 84.99 and 83.89 for three fits of the last two
     # layers. Its 90 fits take about 45 minutes on a 2-core CPU.
-    "top6-ensemble": FullWayTop(FINETUNED_ENCODERS, partial(finetuned_tops, layers=6),
-                                layers=6),
+    "top6-ensemble": FullWayTop(FINETUNED_ENCODERS, finetuned_tops, layers=6),
 }
 
 
@@ -377,11 +377,9 @@ def banking77_full_way(algorithms: list[str] | None = None, steps: int | None = 
     query_x, query_y = all_examples(banking77.load("all-test", progress=progress,
                                                    top_layers=top_layers))
     methods: dict[str, tuple[Callable, Row | None]]
-    shots_scored = FULL_WAY_SHOTS
     if variant:
         top = FULL_WAY_TOPS[variant]
-        methods = {top.name: (top.fit, None)}
-        shots_scored = top.shots
+        methods = {top.name: (partial(top.fit, layers=top.layers), None)}
     else:
         methods = {
             LOGISTIC: (lambda x, y: logistic_regression(x, y, 77), None),
@@ -390,7 +388,7 @@ def banking77_full_way(algorithms: list[str] | None = None, steps: int | None = 
         methods.update(_adapters("banking77/{}-77w", algorithms or _default_algorithms(),
                                  steps, budget, out, fresh, progress, jobs))
     rows = []
-    for shots in shots_scored:
+    for shots in FULL_WAY_SHOTS:
         task = f"banking77 77-way {shots}-shot (all test sentences)"
         for name, (fit, row) in methods.items():
             scores, adapt_ms, query_ms = [], [], []
@@ -618,6 +616,11 @@ VARIANTS = {  # suite -> how its meta-learned rows were trained, for the records
 }
 
 
+def _full_way_top(suite: str) -> FullWayTop | None:
+    """The 77-way variant ``suite`` runs (``banking77-77w-<variant>``), if it is one."""
+    return FULL_WAY_TOPS.get(suite.removeprefix("banking77-77w-"))
+
+
 def _bar_note(suite: str, rows: list[dict]) -> str | None:
     """Whether issue 19's bar for ``suite`` is met by the rows of one run, in a sentence."""
     def best(rows_of: list[dict]) -> dict:
@@ -643,7 +646,7 @@ def _bar_note(suite: str, rows: list[dict]) -> str | None:
                 f"{overall['algorithm']} {overall['mean']:.2f}."
                 + ("" if met else " Heads meta-trained on CLINC150 transfer worse to "
                    "BANKING77 than the frozen embedding itself."))
-    if suite.startswith(("banking77-77w-top2", "banking77-77w-top6")):
+    if _full_way_top(suite):
         top = best([r for r in rows if r["task"].startswith("banking77 77-way 10-shot")])
         met = top["mean"] >= 85.2
         return (f"Bar: K=10 at least 85.2% (USE+ConveRT 85.19): "
@@ -666,8 +669,8 @@ def _bar_note(suite: str, rows: list[dict]) -> str | None:
 
 def _fine_tuned_values(suite: str, name: str) -> dict:
     """The settings of ``suite``'s fine-tuned row ``name``, for its record."""
-    variant = FULL_WAY_TOPS.get(suite.removeprefix("banking77-77w-"))
-    members = {"members": ENSEMBLE} if name in (FINETUNED_TOPS, FINETUNED_ENCODERS) else {}
+    variant = _full_way_top(suite)
+    members = {"members": ENSEMBLE} if variant and variant.fit is finetuned_tops else {}
     return {"top_layers": variant.layers if variant else TOP_LAYERS, **FINETUNE_TOP, **members}
 
 
